@@ -1,0 +1,1 @@
+"""ssd_jax: exact speculative speculative decoding in JAX."""

@@ -1,0 +1,87 @@
+"""Paged attention in plain XLA: the reference every Pallas kernel is tested against.
+
+One function covers prefill, decode, verification and SSD tree decode because every query
+carries its own visibility limit: query (b, i) attends to the logical KV positions
+[0, kv_limit[b, i]) of sequence b. Causal masking among the new tokens of a step is just
+kv_limit = position + 1 (their KV is written to the pages before attention runs); a tree
+branch that hangs off glue position a gets kv_limit = n + a + 1.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+NEG_INF = -1e30  # finite, so fully masked rows give exp(-inf)=0 instead of NaN
+
+
+def paged_attention(q, k_pages, v_pages, page_table, kv_limit, *, scale):
+  """Attention of new queries over a paged KV cache.
+
+  Args:
+    q: [B, Q, Hq, D] queries.
+    k_pages, v_pages: [num_pages, page_size, Hkv, D], one layer's page pool.
+    page_table: int32 [B, P]; logical position p of sequence b lives in page
+      page_table[b, p // page_size] at slot p % page_size.
+    kv_limit: int32 [B, Q]; query (b, i) sees positions [0, kv_limit[b, i]).
+    scale: softmax scale (usually head_dim ** -0.5).
+
+  Returns:
+    out: [B, Q, Hq, D] in q.dtype (zeros where kv_limit == 0),
+    lse: float32 [B, Q, Hq], the log-sum-exp of the scores (NEG_INF where nothing is
+      visible), so that a caller can merge it with attention over other keys.
+  """
+  b, nq, hq, d = q.shape
+  _, page_size, hkv, _ = k_pages.shape
+  group = hq // hkv
+  # Gather only the pages this batch references: [B, P*page_size, Hkv, D].
+  k = k_pages[page_table].reshape(b, -1, hkv, d)
+  v = v_pages[page_table].reshape(b, -1, hkv, d)
+  qg = q.reshape(b, nq, hkv, group, d).astype(jnp.float32)
+  s = jnp.einsum("bqhgd,bkhd->bhgqk", qg, k.astype(jnp.float32)) * scale
+  kv_pos = jnp.arange(k.shape[1], dtype=jnp.int32)
+  visible = kv_pos[None, None, :] < kv_limit[:, :, None]  # [B, Q, T]
+  s = jnp.where(visible[:, None, None], s, NEG_INF)
+  m = jnp.max(s, axis=-1, keepdims=True)
+  p = jnp.where(visible[:, None, None], jnp.exp(s - m), 0.0)
+  l = jnp.sum(p, axis=-1, keepdims=True)
+  out = jnp.einsum("bhgqk,bkhd->bqhgd", p / jnp.maximum(l, 1e-30), v.astype(jnp.float32))
+  lse = jnp.where(l[..., 0] > 0, m[..., 0] + jnp.log(jnp.maximum(l[..., 0], 1e-30)), NEG_INF)
+  lse = jnp.transpose(lse, (0, 3, 1, 2)).reshape(b, nq, hq)
+  return out.reshape(b, nq, hq, d).astype(q.dtype), lse
+
+
+def dense_attention(q, k, v, kv_len, *, scale):
+  """Attention of each query over its own small private KV (SSD tree scratch).
+
+  Args:
+    q: [B, M, Hq, D], one query per branch.
+    k, v: [B, M, S, Hkv, D], the branch's own earlier tree tokens.
+    kv_len: int (traced or static), how many of the S slots are valid.
+
+  Returns (out [B, M, Hq, D] in q.dtype, lse float32 [B, M, Hq]).
+  """
+  b, m_, hq, d = q.shape
+  s_len, hkv = k.shape[2], k.shape[3]
+  group = hq // hkv
+  qg = q.reshape(b, m_, hkv, group, d).astype(jnp.float32)
+  s = jnp.einsum("bmhgd,bmshd->bmhgs", qg, k.astype(jnp.float32)) * scale
+  visible = jnp.arange(s_len) < kv_len
+  s = jnp.where(visible, s, NEG_INF)
+  mx = jnp.max(s, axis=-1, keepdims=True)
+  p = jnp.where(visible, jnp.exp(s - mx), 0.0)
+  l = jnp.sum(p, axis=-1, keepdims=True)
+  out = jnp.einsum("bmhgs,bmshd->bmhgd", p / jnp.maximum(l, 1e-30), v.astype(jnp.float32))
+  lse = jnp.where(l[..., 0] > 0, mx[..., 0] + jnp.log(jnp.maximum(l[..., 0], 1e-30)), NEG_INF)
+  return out.reshape(b, m_, hq, d).astype(q.dtype), lse.reshape(b, m_, hq)
+
+
+def merge_attention(out_a, lse_a, out_b, lse_b):
+  """Combine two attentions over disjoint key sets into attention over their union."""
+  m = jnp.maximum(lse_a, lse_b)
+  wa = jnp.exp(lse_a - m)
+  wb = jnp.exp(lse_b - m)
+  denom = jnp.maximum(wa + wb, 1e-30)
+  out = (out_a.astype(jnp.float32) * (wa / denom)[..., None]
+         + out_b.astype(jnp.float32) * (wb / denom)[..., None])
+  return out.astype(out_a.dtype)

@@ -1,0 +1,236 @@
+"""The decoder shared by Llama-3 and Qwen3 (Flax NNX).
+
+Differences between the families are config switches (q/k norm, bias, tied embeddings,
+RoPE scaling), not copies. Every parameter carries its logical axis names (`axes=`), which
+`ssd_jax.sharding.rules` maps to mesh axes; the model itself never names a mesh axis.
+
+One forward call handles every kind of step: prefill chunks, single-token decode, K+1-token
+verification, and SSD tree decode (M branch queries that also attend to their own scratch
+KV). The caller describes the step with `AttentionInputs`; the model writes the new tokens'
+K/V into the pages given by `slot_mapping` and attends to what `kv_limit` allows.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ssd_jax.config import ModelConfig
+from ssd_jax import kernels
+from ssd_jax.models.rope import apply_rope, rope_frequencies
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class AttentionInputs:
+  """Where a step's tokens live in the paged cache and what each may see.
+
+  page_table: int32 [B, P] page ids of each sequence, in logical order.
+  slot_mapping: int32 [B, Q] flat slot (page * page_size + offset) to write each new
+    token's K/V to; -1 writes nothing (padding, or tree tokens that live in scratch).
+  kv_limit: int32 [B, Q] query (b, i) attends to logical positions [0, kv_limit[b, i]).
+  """
+  page_table: jax.Array
+  slot_mapping: jax.Array
+  kv_limit: jax.Array
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class KVCache:
+  """Per-layer page pools, each [num_pages, page_size, num_kv_heads, head_dim]."""
+  k: list
+  v: list
+
+  @property
+  def num_pages(self) -> int:
+    return self.k[0].shape[0]
+
+  @property
+  def page_size(self) -> int:
+    return self.k[0].shape[1]
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class TreeScratch:
+  """Private KV of tree branches: per layer [B, M, S, num_kv_heads, head_dim].
+
+  At tree step `step` each branch writes its token's K/V to slot `step` and attends to
+  slots [0, step] on top of the paged context; nothing is written to the pages.
+  """
+  k: list
+  v: list
+  step: jax.Array
+
+
+def init_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> KVCache:
+  shape = (num_pages, page_size, cfg.num_kv_heads, cfg.head_dim)
+  return KVCache(k=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
+                 v=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)])
+
+
+def init_tree_scratch(cfg: ModelConfig, batch: int, branches: int, steps: int,
+                      dtype) -> TreeScratch:
+  shape = (batch, branches, steps, cfg.num_kv_heads, cfg.head_dim)
+  return TreeScratch(k=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
+                     v=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
+                     step=jnp.zeros((), jnp.int32))
+
+
+def _param(rngs, shape, axes, dtype, scale=0.02):
+  return nnx.Param(scale * jax.random.normal(rngs.params(), shape, dtype), axes=axes)
+
+
+class RMSNorm(nnx.Module):
+  def __init__(self, dim: int, eps: float, dtype, axes=("embed",)):
+    self.weight = nnx.Param(jnp.ones((dim,), dtype), axes=axes)
+    self.eps = eps
+
+  def __call__(self, x):
+    xf = x.astype(jnp.float32)
+    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
+    return (xf * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+
+
+class Attention(nnx.Module):
+  def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, attention_impl: str, mesh):
+    e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
+    self.q_proj = _param(rngs, (e, h, d), ("embed", "heads", "head_dim"), dtype)
+    self.k_proj = _param(rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), dtype)
+    self.v_proj = _param(rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), dtype)
+    self.o_proj = _param(rngs, (h, d, e), ("heads", "head_dim", "embed"), dtype)
+    if cfg.attention_bias:
+      self.q_bias = nnx.Param(jnp.zeros((h, d), dtype), axes=("heads", "head_dim"))
+      self.k_bias = nnx.Param(jnp.zeros((kv, d), dtype), axes=("kv_heads", "head_dim"))
+      self.v_bias = nnx.Param(jnp.zeros((kv, d), dtype), axes=("kv_heads", "head_dim"))
+    if cfg.qk_norm:
+      self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, axes=("head_dim",))
+      self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, axes=("head_dim",))
+    self.inv_freq = rope_frequencies(d, cfg.rope_theta, cfg.rope_scaling_dict)
+    self.cfg = cfg
+    self.attention_impl = attention_impl
+    self.mesh = mesh
+
+  def __call__(self, x, positions, k_pages, v_pages, attn: AttentionInputs,
+               scratch_kv=None, scratch_step=None):
+    cfg = self.cfg
+    q = jnp.einsum("bse,ehd->bshd", x, self.q_proj[...])
+    k = jnp.einsum("bse,ehd->bshd", x, self.k_proj[...])
+    v = jnp.einsum("bse,ehd->bshd", x, self.v_proj[...])
+    if cfg.attention_bias:
+      q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+    if cfg.qk_norm:
+      q, k = self.q_norm(q), self.k_norm(k)
+    q = apply_rope(q, positions, self.inv_freq)
+    k = apply_rope(k, positions, self.inv_freq)
+    k_pages, v_pages = kernels.write_kv(k_pages, v_pages, k, v, attn.slot_mapping)
+    scale = cfg.head_dim ** -0.5
+    out, lse = kernels.paged_attention(q, k_pages, v_pages, attn.page_table, attn.kv_limit,
+                                       scale=scale, impl=self.attention_impl, mesh=self.mesh)
+    if scratch_kv is not None:
+      sk, sv = scratch_kv
+      sk = jax.lax.dynamic_update_slice_in_dim(sk, k[:, :, None].astype(sk.dtype),
+                                               scratch_step, axis=2)
+      sv = jax.lax.dynamic_update_slice_in_dim(sv, v[:, :, None].astype(sv.dtype),
+                                               scratch_step, axis=2)
+      out2, lse2 = kernels.dense_attention(q, sk, sv, scratch_step + 1, scale=scale)
+      out = kernels.merge_attention(out, lse, out2, lse2)
+      scratch_kv = (sk, sv)
+    y = jnp.einsum("bshd,hde->bse", out, self.o_proj[...])
+    return y, k_pages, v_pages, scratch_kv
+
+
+class MLP(nnx.Module):
+  def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+    e, m = cfg.hidden_size, cfg.intermediate_size
+    self.gate_proj = _param(rngs, (e, m), ("embed", "mlp"), dtype)
+    self.up_proj = _param(rngs, (e, m), ("embed", "mlp"), dtype)
+    self.down_proj = _param(rngs, (m, e), ("mlp", "embed"), dtype)
+
+  def __call__(self, x):
+    gate = jnp.einsum("bse,em->bsm", x, self.gate_proj[...])
+    up = jnp.einsum("bse,em->bsm", x, self.up_proj[...])
+    return jnp.einsum("bsm,me->bse", jax.nn.silu(gate) * up, self.down_proj[...])
+
+
+class DecoderLayer(nnx.Module):
+  def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, attention_impl: str, mesh):
+    self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+    self.self_attn = Attention(cfg, dtype, rngs, attention_impl, mesh)
+    self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+    self.mlp = MLP(cfg, dtype, rngs)
+
+  def __call__(self, x, positions, k_pages, v_pages, attn, scratch_kv=None,
+               scratch_step=None):
+    h, k_pages, v_pages, scratch_kv = self.self_attn(
+        self.input_layernorm(x), positions, k_pages, v_pages, attn, scratch_kv, scratch_step)
+    x = x + h
+    x = x + self.mlp(self.post_attention_layernorm(x))
+    return x, k_pages, v_pages, scratch_kv
+
+
+class Transformer(nnx.Module):
+  """Llama-3 / Qwen3 causal LM over a paged KV cache.
+
+  Parameter names follow HuggingFace's (`layers[i].self_attn.q_proj`, ...) so that a
+  checkpoint maps onto the model by name; shapes are split per head for sharding.
+  """
+
+  def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None,
+               attention_impl: str = "xla", mesh=None):
+    rngs = rngs if rngs is not None else nnx.Rngs(0)
+    self.cfg = cfg
+    self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
+                               dtype, scale=1.0)
+    # Layers are unrolled at trace time (a Python loop inside jit): each layer's weights
+    # and KV pool stay separate buffers, so XLA reads them in place and updates the cache
+    # in place; nothing loops over layers at run time.
+    self.layers = nnx.List([DecoderLayer(cfg, dtype, rngs, attention_impl, mesh)
+                            for _ in range(cfg.num_layers)])
+    self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
+    if not cfg.tie_word_embeddings:
+      self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
+
+  def logits(self, h):
+    if self.cfg.tie_word_embeddings:
+      return jnp.einsum("...e,ve->...v", h, self.embed_tokens[...],
+                        preferred_element_type=jnp.float32)
+    return jnp.einsum("...e,ev->...v", h, self.lm_head[...], preferred_element_type=jnp.float32)
+
+  def __call__(self, tokens, positions, kv: KVCache, attn: AttentionInputs,
+               scratch: TreeScratch | None = None, logits_at=None):
+    """Runs one step.
+
+    Args:
+      tokens, positions: int32 [B, Q].
+      kv: the paged cache (returned updated; donate it when jitting).
+      attn: page table, slots to write and per-query visibility.
+      scratch: tree scratch KV for SSD branch decoding, or None.
+      logits_at: int32 [B] to return only the logits of that query index (prefill);
+        None returns logits for all Q queries.
+
+    Returns (float32 logits [B, Q, V] or [B, V], kv, scratch).
+    """
+    x = self.embed_tokens[...][tokens]
+    new_k, new_v = [], []
+    new_sk, new_sv = [], []
+    for i, layer in enumerate(self.layers):
+      scratch_kv = (scratch.k[i], scratch.v[i]) if scratch is not None else None
+      x, kp, vp, scratch_kv = layer(x, positions, kv.k[i], kv.v[i], attn, scratch_kv,
+                                    scratch.step if scratch is not None else None)
+      new_k.append(kp)
+      new_v.append(vp)
+      if scratch is not None:
+        new_sk.append(scratch_kv[0])
+        new_sv.append(scratch_kv[1])
+    if logits_at is not None:
+      x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]
+    logits = self.logits(self.norm(x))
+    new_scratch = None
+    if scratch is not None:
+      new_scratch = TreeScratch(k=new_sk, v=new_sv, step=scratch.step + 1)
+    return logits, KVCache(k=new_k, v=new_v), new_scratch
