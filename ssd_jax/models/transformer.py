@@ -30,7 +30,8 @@ class AttentionInputs:
 
   page_table: int32 [B, P] page ids of each sequence, in logical order.
   slot_mapping: int32 [B, Q] flat slot (page * page_size + offset) to write each new
-    token's K/V to; -1 writes nothing (padding, or tree tokens that live in scratch).
+    token's K/V to; -1 writes nothing (padding). None writes nothing at all (tree steps,
+    whose K/V live in scratch).
   kv_limit: int32 [B, Q] query (b, i) attends to logical positions [0, kv_limit[b, i]).
   """
   page_table: jax.Array
@@ -127,7 +128,8 @@ class Attention(nnx.Module):
       q, k = self.q_norm(q), self.k_norm(k)
     q = apply_rope(q, positions, self.inv_freq)
     k = apply_rope(k, positions, self.inv_freq)
-    k_pages, v_pages = kernels.write_kv(k_pages, v_pages, k, v, attn.slot_mapping)
+    if attn.slot_mapping is not None:
+      k_pages, v_pages = kernels.write_kv(k_pages, v_pages, k, v, attn.slot_mapping)
     scale = cfg.head_dim ** -0.5
     out, lse = kernels.paged_attention(q, k_pages, v_pages, attn.page_table, attn.kv_limit,
                                        scale=scale, impl=self.attention_impl, mesh=self.mesh)

@@ -1,0 +1,69 @@
+"""Autoregressive decoding with the target alone: one jitted program per token."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ssd_jax.engine.decoder import DecodeState, Decoder, Wave, WaveConstants, apply_stops
+from ssd_jax.engine.runner import ModelRunner, slot_mapping
+from ssd_jax.engine.sampling import sample_tokens
+from ssd_jax.models.transformer import AttentionInputs
+
+
+def first_token_state(logits, consts: WaveConstants, prompt_len, key):
+  """Sample each sequence's first token from its prefill logits; build the decode state."""
+  key, sub = jax.random.split(key)
+  token = sample_tokens(logits, consts.sampling, sub)
+  done0 = jnp.zeros(token.shape, bool)
+  count, done, generated = apply_stops(token[:, None], jnp.ones_like(token), done0,
+                                       jnp.zeros_like(token), consts)
+  state = DecodeState(token=token, pos=prompt_len, done=done, generated=generated, key=key)
+  return state, token[:, None], count
+
+
+class ARDecoder(Decoder):
+  def __init__(self, target: ModelRunner, tokenizer_decode, eos_ids):
+    super().__init__(tokenizer_decode, eos_ids)
+    self.target = target
+    self._first = target.jit(first_token_state)
+    self._step = target.jit(self._step_fn, donate_argnums=(1,))
+
+  def num_compilations(self) -> int:
+    return self.target.num_compilations()
+
+  def start(self, wave: Wave):
+    seqs = wave.seqs
+    logits = self.target.prefill([s.prompt_token_ids[s.num_cached_tokens:] for s in seqs],
+                                 [s.num_cached_tokens for s in seqs], wave.page_table,
+                                 wave.batch)
+    self.consts = self.target.put(wave.constants(self.eos_ids))
+    prompt_len = np.zeros((wave.batch,), np.int32)
+    prompt_len[:len(seqs)] = [s.prompt_len for s in seqs]
+    key = jax.random.key(seqs[0].params.seed)
+    state, first, count = self._first(logits, self.consts, *self.target.put((prompt_len, key)))
+    return state, first, count
+
+  def round(self, state):
+    self.target.kv, state, emitted, count = self._step(self.target.params, self.target.kv,
+                                                       state, self.consts)
+    return state, emitted, count, {}
+
+  def _step_fn(self, params, kv, state: DecodeState, consts: WaveConstants):
+    tokens, positions = state.token[:, None], state.pos[:, None]
+    live = ~state.done[:, None]
+    attn = AttentionInputs(
+        page_table=consts.page_table,
+        slot_mapping=slot_mapping(consts.page_table, positions, live, self.target.page_size),
+        kv_limit=jnp.where(live, positions + 1, 0))
+    logits, kv, _ = self.target.forward(params, kv, tokens, positions, attn)
+    key, sub = jax.random.split(state.key)
+    nxt = sample_tokens(logits[:, 0], consts.sampling, sub)
+    count, done, generated = apply_stops(nxt[:, None], jnp.ones_like(nxt), state.done,
+                                         state.generated, consts)
+    advance = count > 0
+    new = DecodeState(token=jnp.where(advance, nxt, state.token),
+                      pos=jnp.where(advance, state.pos + 1, state.pos),
+                      done=done, generated=generated, key=key)
+    return kv, new, nxt[:, None], count

@@ -1,0 +1,104 @@
+"""A model placed on a mesh with its KV page pool, and the jitted prefill program.
+
+The runner owns device state (parameters, pages) and turns host batches into device
+arrays; the decoders (AR, SD, SSD) build their per-step programs on `forward`. Every jitted
+function goes through `self.jit` so that compilations can be counted: after warm-up the
+count must not grow.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from ssd_jax.models.transformer import AttentionInputs, KVCache, Transformer, init_kv_cache
+from ssd_jax.sharding.rules import KV_PAGES_AXES, sharding_for
+
+
+def bucket(n: int, minimum: int = 1) -> int:
+  """Round up to a power of two (shape buckets keep the number of programs small)."""
+  n = max(n, minimum)
+  return 1 << (n - 1).bit_length()
+
+
+def slot_mapping(page_table, positions, valid, page_size: int):
+  """Flat KV slot of each (sequence, position); -1 where nothing may be written."""
+  page = jnp.take_along_axis(page_table, positions // page_size, axis=1)
+  return jnp.where(valid, page * page_size + positions % page_size, -1).astype(jnp.int32)
+
+
+class ModelRunner:
+  def __init__(self, model: Transformer, mesh, *, num_pages: int, page_size: int,
+               kv_dtype=None, name: str = "model"):
+    self.name = name
+    self.cfg = model.cfg
+    self.mesh = mesh
+    self.page_size = page_size
+    self.num_pages = num_pages
+    self.graphdef, self.params = nnx.split(model)
+    kv_dtype = kv_dtype or model.embed_tokens[...].dtype
+    kv_sharding = sharding_for(mesh, KV_PAGES_AXES)
+    make = jax.jit(functools.partial(init_kv_cache, self.cfg, num_pages, page_size, kv_dtype),
+                   out_shardings=KVCache(k=[kv_sharding] * self.cfg.num_layers,
+                                         v=[kv_sharding] * self.cfg.num_layers))
+    self.kv: KVCache = make()
+    self._jitted: list = []
+    self.prefill_fn = self.jit(self._prefill, donate_argnums=(1,))
+
+  # -- placement ----------------------------------------------------------------------
+  @property
+  def replicated_sharding(self) -> NamedSharding:
+    return NamedSharding(self.mesh, P())
+
+  def put(self, tree):
+    """Host or other-mesh arrays -> this mesh, replicated (device to device if on device)."""
+    return jax.device_put(tree, self.replicated_sharding)
+
+  # -- compiled programs -----------------------------------------------------------------
+  def jit(self, fn, **kwargs):
+    jitted = jax.jit(fn, **kwargs)
+    self._jitted.append(jitted)
+    return jitted
+
+  def num_compilations(self) -> int:
+    return sum(f._cache_size() for f in self._jitted)
+
+  def forward(self, params, kv, tokens, positions, attn, scratch=None, logits_at=None):
+    """Pure model call, for use inside the decoders' jitted programs."""
+    model = nnx.merge(self.graphdef, params)
+    return model(tokens, positions, kv, attn, scratch=scratch, logits_at=logits_at)
+
+  def _prefill(self, params, kv, tokens, start, length, page_table):
+    """Writes KV for tokens[b, :length[b]] at positions start[b].. and returns the logits
+    of each sequence's last token ([B, V]); rows with length 0 are padding."""
+    t = tokens.shape[1]
+    offs = jnp.arange(t, dtype=jnp.int32)[None, :]
+    positions = start[:, None] + offs
+    valid = offs < length[:, None]
+    attn = AttentionInputs(
+        page_table=page_table,
+        slot_mapping=slot_mapping(page_table, positions, valid, self.page_size),
+        kv_limit=jnp.where(valid, positions + 1, 0))
+    logits, kv, _ = self.forward(params, kv, tokens, positions, attn,
+                                 logits_at=jnp.maximum(length - 1, 0))
+    return logits, kv
+
+  def prefill(self, token_rows: list[list[int]], starts: list[int], page_table: np.ndarray,
+              batch: int):
+    """Prefill a wave (host lists, padded to shape buckets); returns device logits [B, V]."""
+    t = bucket(max(len(r) for r in token_rows), 16)
+    tokens = np.zeros((batch, t), np.int32)
+    length = np.zeros((batch,), np.int32)
+    start = np.zeros((batch,), np.int32)
+    for i, (row, s) in enumerate(zip(token_rows, starts)):
+      tokens[i, :len(row)] = row
+      length[i] = len(row)
+      start[i] = s
+    logits, self.kv = self.prefill_fn(self.params, self.kv, *self.put(
+        (tokens, start, length, page_table)))
+    return logits

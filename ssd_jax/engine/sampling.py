@@ -1,0 +1,103 @@
+"""Sampling parameters and the on-device distributions every decoder draws from.
+
+AR, SD and SSD must sample from the *same* target distribution for outputs to match, so
+this module defines it once: temperature, then top-k, then top-p, on float32 logits.
+Per-sequence parameters are arrays, so one compiled step serves a mixed batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+  temperature: float = 0.0        # 0 = greedy
+  top_k: int = 0                  # 0 = no top-k
+  top_p: float = 1.0
+  max_new_tokens: int = 128
+  stop: tuple[str, ...] = ()      # stop strings (matched on the host, output cut before)
+  seed: int = 0
+  ignore_eos: bool = False
+
+  def __post_init__(self):
+    if self.temperature < 0:
+      raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+    if self.top_k < 0:
+      raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+    if not 0.0 < self.top_p <= 1.0:
+      raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+    if self.max_new_tokens < 1:
+      raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
+    if isinstance(self.stop, str):
+      object.__setattr__(self, "stop", (self.stop,))
+
+  @property
+  def greedy(self) -> bool:
+    return self.temperature == 0.0
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SamplingArrays:
+  """Per-sequence sampling parameters as device arrays [B]."""
+  temperature: jax.Array
+  top_k: jax.Array
+  top_p: jax.Array
+
+  @classmethod
+  def from_params(cls, params: list[SamplingParams], batch: int) -> "SamplingArrays":
+    pad = batch - len(params)
+    t = [p.temperature for p in params] + [0.0] * pad
+    k = [p.top_k for p in params] + [0] * pad
+    tp = [p.top_p for p in params] + [1.0] * pad
+    return cls(np.asarray(t, np.float32), np.asarray(k, np.int32), np.asarray(tp, np.float32))
+
+
+def target_probs(logits, s: SamplingArrays):
+  """The distribution a sequence samples its next token from: [..., V] float32.
+
+  Greedy rows (temperature 0) get a one-hot at the argmax, so greedy decoding is just the
+  sampled case with a degenerate distribution and the same code verifies both.
+  logits: [B, ..., V]; parameters broadcast over the middle axes.
+  """
+  logits = logits.astype(jnp.float32)
+  extra = logits.ndim - 2
+  expand = lambda x: x.reshape(x.shape + (1,) * (extra + 1))
+  temp, top_k, top_p = expand(s.temperature), expand(s.top_k), expand(s.top_p)
+  vocab = logits.shape[-1]
+  greedy = temp <= 0.0
+  scaled = logits / jnp.where(greedy, 1.0, temp)
+  # top-k: keep tokens whose logit >= the k-th largest.
+  sorted_desc = -jnp.sort(-scaled, axis=-1)
+  k_idx = jnp.clip(jnp.where(top_k > 0, top_k, vocab) - 1, 0, vocab - 1)
+  kth = jnp.take_along_axis(sorted_desc, k_idx, axis=-1)
+  scaled = jnp.where(scaled >= kth, scaled, -jnp.inf)
+  # top-p: keep the smallest prefix of the sorted distribution whose mass reaches top_p.
+  probs_sorted = jax.nn.softmax(jnp.where(sorted_desc >= kth, sorted_desc, -jnp.inf), axis=-1)
+  cum_before = jnp.cumsum(probs_sorted, axis=-1) - probs_sorted
+  keep_sorted = cum_before < top_p
+  # threshold = the smallest kept logit
+  thresh = jnp.min(jnp.where(keep_sorted, sorted_desc, jnp.inf), axis=-1, keepdims=True)
+  scaled = jnp.where(scaled >= thresh, scaled, -jnp.inf)
+  probs = jax.nn.softmax(scaled, axis=-1)
+  onehot = jax.nn.one_hot(jnp.argmax(logits, axis=-1), vocab, dtype=jnp.float32)
+  return jnp.where(greedy, onehot, probs)
+
+
+def sample_from(probs, key):
+  """Draw one token per row of probs [..., V] (argmax of one-hot rows is exact)."""
+  logp = jnp.log(jnp.maximum(probs, 0.0))
+  return jax.random.categorical(key, logp, axis=-1).astype(jnp.int32)
+
+
+def sample_tokens(logits, s: SamplingArrays, key):
+  """Sample the next token [B, ...] from target_probs; greedy rows take the argmax."""
+  greedy = s.temperature <= 0.0
+  greedy = greedy.reshape(greedy.shape + (1,) * (logits.ndim - 2))
+  drawn = sample_from(target_probs(logits, s), key)
+  return jnp.where(greedy, jnp.argmax(logits, axis=-1).astype(jnp.int32), drawn)

@@ -1,0 +1,46 @@
+"""A request as the engine tracks it: tokens in, tokens out, pages held, timings."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import itertools
+
+from ssd_jax.engine.sampling import SamplingParams
+
+_ids = itertools.count()
+
+
+class Status(enum.Enum):
+  WAITING = "waiting"
+  RUNNING = "running"
+  FINISHED = "finished"
+
+
+@dataclasses.dataclass
+class Sequence:
+  prompt_token_ids: list[int]
+  params: SamplingParams
+  prompt: str | None = None
+  seq_id: int = dataclasses.field(default_factory=lambda: next(_ids))
+  status: Status = Status.WAITING
+  output_token_ids: list[int] = dataclasses.field(default_factory=list)
+  pages: list[int] = dataclasses.field(default_factory=list)
+  num_cached_tokens: int = 0      # prompt tokens whose KV came from the prefix cache
+  finish_reason: str | None = None
+  # Timings (host clock, seconds) and per-request speculation counters.
+  t_arrival: float = 0.0
+  t_first_token: float | None = None
+  t_finish: float | None = None
+  num_rounds: int = 0
+  num_accepted: int = 0           # draft tokens accepted, summed over rounds
+  num_lookups: int = 0            # SSD cache lookups
+  num_hits: int = 0
+
+  @property
+  def prompt_len(self) -> int:
+    return len(self.prompt_token_ids)
+
+  @property
+  def is_finished(self) -> bool:
+    return self.status is Status.FINISHED

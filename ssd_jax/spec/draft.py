@@ -1,0 +1,88 @@
+"""The draft's side of speculation: its sampling distribution and K-step drafting.
+
+Pure functions over a `ModelRunner`'s forward; used by SD (every round), and by SSD for the
+first speculation and the `jit` fallback after a cache miss.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from ssd_jax.engine.runner import slot_mapping
+from ssd_jax.engine.sampling import sample_from
+from ssd_jax.models.transformer import AttentionInputs
+
+
+def draft_probs(logits, temperature, sampler_x=None, top_f=0, max_f: int = 0):
+  """The distribution q the draft samples from: [B, ..., V] float32.
+
+  temperature [B] (0 = greedy: one-hot argmax). With `sampler_x` (Saguaro's cache-aware
+  sampling) the draft's own top-`top_f` tokens are down-weighted by that factor: after a
+  rejection the residual max(0, p - q) then concentrates on exactly the tokens the SSD
+  cache prepared as recovery candidates. Verification uses this q, so outputs stay exact.
+  `top_f` may be traced (it varies by drafting step); `max_f` is its static upper bound.
+  """
+  logits = logits.astype(jnp.float32)
+  t = temperature.reshape(temperature.shape + (1,) * (logits.ndim - 1))
+  q = jax.nn.softmax(logits / jnp.where(t > 0, t, 1.0), axis=-1)
+  if sampler_x is not None and max_f > 0:
+    top_vals = jax.lax.top_k(logits, max_f)[0]
+    kth = jnp.take(top_vals, jnp.clip(top_f - 1, 0, max_f - 1), axis=-1)[..., None]
+    down = (logits >= kth) & (top_f > 0)
+    q = jnp.where(down, q * sampler_x, q)
+    q = q / jnp.sum(q, axis=-1, keepdims=True)
+  onehot = jax.nn.one_hot(jnp.argmax(logits, axis=-1), logits.shape[-1], dtype=jnp.float32)
+  return jnp.where(t > 0, q, onehot)
+
+
+def draw(logits, temperature, key, want_q: bool, sampler_x=None, top_f=0, max_f: int = 0):
+  """Draw draft tokens; returns (tokens, q or None). Greedy rows take the argmax."""
+  greedy_tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  if not want_q:
+    return greedy_tok, None
+  q = draft_probs(logits, temperature, sampler_x, top_f, max_f)
+  t = temperature.reshape(temperature.shape + (1,) * (logits.ndim - 2))
+  return jnp.where(t > 0, sample_from(q, key), greedy_tok), q
+
+
+def draft_decode(runner, params, kv, tokens0, pos0, live, page_table, *, k: int, temperature,
+                 key, want_q: bool, sampler_x=None, top_fs=None):
+  """Draft K tokens autoregressively, writing the draft's KV.
+
+  tokens0/pos0: [B, Q0] the first step's inputs (Q0 = 1 normally; SD passes the previous
+  token too so that its KV is (re)written); the first draft token follows tokens0[:, -1].
+  live [B]: sequences still decoding (others write nothing).
+  top_fs: per-step top-F for cache-aware sampling (length k), or None.
+  Returns (tokens [B, K], q [B, K, V] or None, kv).
+  """
+  ps = runner.page_size
+  fs = [int(f) for f in top_fs] if top_fs is not None else [0] * k
+  max_f = max(fs)
+  top_fs = jnp.asarray(fs, jnp.int32)
+
+  def step(kv, tok, pos, key, top_f):
+    attn = AttentionInputs(page_table=page_table,
+                           slot_mapping=slot_mapping(page_table, pos, live[:, None], ps),
+                           kv_limit=jnp.where(live[:, None], pos + 1, 0))
+    logits, kv, _ = runner.forward(params, kv, tok, pos, attn)
+    nxt, q = draw(logits[:, -1], temperature, key, want_q, sampler_x, top_f, max_f)
+    return kv, nxt, q
+
+  keys = jax.random.split(key, k)
+  kv, first, q0 = step(kv, tokens0, pos0, keys[0], top_fs[0])
+  if k == 1:
+    return first[:, None], (q0[:, None] if want_q else None), kv
+
+  # The remaining K-1 steps share one compiled body (a lax loop, not K dispatches).
+  def body(carry, xs):
+    kv, tok, pos = carry
+    key_i, top_f_i = xs
+    kv, nxt, q = step(kv, tok[:, None], pos, key_i, top_f_i)
+    return (kv, nxt, pos + 1), (nxt, q)
+
+  (kv, _, _), (rest, rest_q) = jax.lax.scan(body, (kv, first, pos0[:, -1:] + 1),
+                                            (keys[1:], top_fs[1:]))
+  tokens = jnp.concatenate([first[:, None], jnp.moveaxis(rest, 0, 1)], axis=1)
+  q = jnp.concatenate([q0[:, None], jnp.moveaxis(rest_q, 0, 1)], axis=1) if want_q else None
+  return tokens, q, kv
