@@ -42,6 +42,7 @@ class ModelRunner:
     self.num_pages = num_pages
     self.graphdef, self.params = nnx.split(model)
     kv_dtype = kv_dtype or model.embed_tokens[...].dtype
+    self.kv_dtype = kv_dtype
     kv_sharding = sharding_for(mesh, KV_PAGES_AXES)
     make = jax.jit(functools.partial(init_kv_cache, self.cfg, num_pages, page_size, kv_dtype),
                    out_shardings=KVCache(k=[kv_sharding] * self.cfg.num_layers,
