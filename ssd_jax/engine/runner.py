@@ -16,8 +16,9 @@ import numpy as np
 from flax import nnx
 from jax.sharding import NamedSharding, PartitionSpec as P
 
+from ssd_jax import kernels
 from ssd_jax.models.transformer import AttentionInputs, KVCache, Transformer, init_kv_cache
-from ssd_jax.sharding.rules import KV_PAGES_AXES, sharding_for
+from ssd_jax.sharding.rules import KV_PAGES_AXES, param_shardings, sharding_for
 
 
 def bucket(n: int, minimum: int = 1) -> int:
@@ -40,7 +41,10 @@ class ModelRunner:
     self.mesh = mesh
     self.page_size = page_size
     self.num_pages = num_pages
-    self.graphdef, self.params = nnx.split(model)
+    self.graphdef, params = nnx.split(model)
+    # Place (or re-place) every parameter by its logical axes; a no-op for a model the
+    # loader already built on this mesh.
+    self.params = jax.device_put(params, param_shardings(mesh, params))
     kv_dtype = kv_dtype or model.embed_tokens[...].dtype
     self.kv_dtype = kv_dtype
     kv_sharding = sharding_for(mesh, KV_PAGES_AXES)
@@ -72,7 +76,8 @@ class ModelRunner:
   def forward(self, params, kv, tokens, positions, attn, scratch=None, logits_at=None):
     """Pure model call, for use inside the decoders' jitted programs."""
     model = nnx.merge(self.graphdef, params)
-    return model(tokens, positions, kv, attn, scratch=scratch, logits_at=logits_at)
+    with kernels.on_mesh(self.mesh):
+      return model(tokens, positions, kv, attn, scratch=scratch, logits_at=logits_at)
 
   def _prefill(self, params, kv, tokens, start, length, page_table):
     """Writes KV for tokens[b, :length[b]] at positions start[b].. and returns the logits

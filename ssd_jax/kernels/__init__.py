@@ -7,6 +7,9 @@ XLA elsewhere).
 
 from __future__ import annotations
 
+import contextlib
+import contextvars
+
 import jax
 import jax.numpy as jnp
 
@@ -14,7 +17,20 @@ from ssd_jax.kernels.reference import dense_attention, merge_attention
 from ssd_jax.kernels import reference
 
 __all__ = ["paged_attention", "dense_attention", "merge_attention", "write_kv",
-           "resolve_impl"]
+           "resolve_impl", "on_mesh"]
+
+# The mesh the model is being traced for. Models know nothing of meshes; the runner that
+# places a model declares it here, and kernels that must shard_map over heads read it.
+_MESH = contextvars.ContextVar("ssd_jax_attention_mesh", default=None)
+
+
+@contextlib.contextmanager
+def on_mesh(mesh):
+  token = _MESH.set(mesh)
+  try:
+    yield
+  finally:
+    _MESH.reset(token)
 
 
 def resolve_impl(impl: str) -> str:
@@ -38,12 +54,11 @@ def write_kv(k_pages, v_pages, k, v, slot_mapping):
   return kf.reshape(k_pages.shape), vf.reshape(v_pages.shape)
 
 
-def paged_attention(q, k_pages, v_pages, page_table, kv_limit, *, scale, impl="xla",
-                    mesh=None):
+def paged_attention(q, k_pages, v_pages, page_table, kv_limit, *, scale, impl="xla"):
   """See `reference.paged_attention` for the contract; returns (out, lse)."""
   impl = resolve_impl(impl)
   if impl == "xla":
     return reference.paged_attention(q, k_pages, v_pages, page_table, kv_limit, scale=scale)
   from ssd_jax.kernels import pallas_attention  # imported lazily: Pallas is heavy
   return pallas_attention.sharded_paged_attention(
-      q, k_pages, v_pages, page_table, kv_limit, scale=scale, mesh=mesh)
+      q, k_pages, v_pages, page_table, kv_limit, scale=scale, mesh=_MESH.get())

@@ -98,7 +98,7 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-  def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, attention_impl: str, mesh):
+  def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, attention_impl: str):
     e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     self.q_proj = _param(rngs, (e, h, d), ("embed", "heads", "head_dim"), dtype)
     self.k_proj = _param(rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), dtype)
@@ -111,10 +111,8 @@ class Attention(nnx.Module):
     if cfg.qk_norm:
       self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, axes=("head_dim",))
       self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, axes=("head_dim",))
-    self.inv_freq = rope_frequencies(d, cfg.rope_theta, cfg.rope_scaling_dict)
     self.cfg = cfg
     self.attention_impl = attention_impl
-    self.mesh = mesh
 
   def __call__(self, x, positions, k_pages, v_pages, attn: AttentionInputs,
                scratch_kv=None, scratch_step=None):
@@ -126,13 +124,15 @@ class Attention(nnx.Module):
       q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
-    q = apply_rope(q, positions, self.inv_freq)
-    k = apply_rope(k, positions, self.inv_freq)
+    # Computed at trace time from the config (a constant in the compiled program).
+    inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict)
+    q = apply_rope(q, positions, inv_freq)
+    k = apply_rope(k, positions, inv_freq)
     if attn.slot_mapping is not None:
       k_pages, v_pages = kernels.write_kv(k_pages, v_pages, k, v, attn.slot_mapping)
     scale = cfg.head_dim ** -0.5
     out, lse = kernels.paged_attention(q, k_pages, v_pages, attn.page_table, attn.kv_limit,
-                                       scale=scale, impl=self.attention_impl, mesh=self.mesh)
+                                       scale=scale, impl=self.attention_impl)
     if scratch_kv is not None:
       sk, sv = scratch_kv
       sk = jax.lax.dynamic_update_slice_in_dim(sk, k[:, :, None].astype(sk.dtype),
@@ -160,9 +160,9 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-  def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, attention_impl: str, mesh):
+  def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, attention_impl: str):
     self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-    self.self_attn = Attention(cfg, dtype, rngs, attention_impl, mesh)
+    self.self_attn = Attention(cfg, dtype, rngs, attention_impl)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
     self.mlp = MLP(cfg, dtype, rngs)
 
@@ -183,7 +183,7 @@ class Transformer(nnx.Module):
   """
 
   def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None,
-               attention_impl: str = "xla", mesh=None):
+               attention_impl: str = "xla"):
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     self.cfg = cfg
     self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
@@ -191,7 +191,7 @@ class Transformer(nnx.Module):
     # Layers are unrolled at trace time (a Python loop inside jit): each layer's weights
     # and KV pool stay separate buffers, so XLA reads them in place and updates the cache
     # in place; nothing loops over layers at run time.
-    self.layers = nnx.List([DecoderLayer(cfg, dtype, rngs, attention_impl, mesh)
+    self.layers = nnx.List([DecoderLayer(cfg, dtype, rngs, attention_impl)
                             for _ in range(cfg.num_layers)])
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
     if not cfg.tie_word_embeddings:

@@ -1,0 +1,133 @@
+"""Exactness at temperature 0: SD and SSD commit exactly AR's tokens (float32).
+
+Covers K in {1, 3, 7}, F in {1, 3}, uneven fan-out lists, both fallbacks, batch 1 and 4
+with ragged prompts, a draft that is not the target, one that is (long acceptances, cache
+hits) and a noisy copy (hits and misses), a 2-way TP target with the draft on its own
+device, and stops (EOS inside an accepted speculation, max_new_tokens).
+"""
+
+import numpy as np
+import pytest
+
+from ssd_jax.engine.llm import LLM
+from ssd_jax.engine.sampling import SamplingParams
+
+from engine_models import EOS, noisy_copy, scaled_target, tiny_target
+
+PROMPTS = [[3, 17, 42, 8, 9], list(range(1, 30)), [77, 5], [11, 12, 13, 14, 15, 16, 17, 18]]
+MAX_NEW = 24
+
+TARGET = scaled_target(seed=0)
+DRAFTS = {
+    "other": tiny_target(seed=7, layers=1),
+    "self": TARGET,
+    "noisy": noisy_copy(TARGET, 0.6),
+}
+COMMON = dict(page_size=16, max_model_len=128, max_batch_size=4)
+
+
+def _generate(llm, prompts, max_new=MAX_NEW, ignore_eos=True):
+  outs = llm.generate(prompts, SamplingParams(max_new_tokens=max_new, ignore_eos=ignore_eos))
+  return [o.token_ids for o in outs]
+
+
+@pytest.fixture(scope="module")
+def ar_tokens():
+  llm = LLM(TARGET, method="ar", **COMMON)
+  return {"batch": _generate(llm, PROMPTS),
+          "single": [_generate(llm, [p])[0] for p in PROMPTS[:2]]}
+
+
+def _check(llm, ar_tokens):
+  assert _generate(llm, PROMPTS) == ar_tokens["batch"]
+  assert [_generate(llm, [p])[0] for p in PROMPTS[:2]] == ar_tokens["single"]
+  return llm.last_metrics
+
+
+@pytest.mark.parametrize("k,draft", [(1, "other"), (3, "noisy"), (7, "self")])
+def test_sd_equals_ar(ar_tokens, k, draft):
+  llm = LLM(TARGET, DRAFTS[draft], method="sd", k=k, **COMMON)
+  m = _check(llm, ar_tokens)
+  if draft == "self":
+    assert m["mean_accepted"] > k - 1  # the target drafting for itself is always right
+
+
+SSD_CASES = [
+    # k, f, fanout_hit, fanout_miss, fallback, draft
+    (1, 1, None, None, "jit", "other"),
+    (3, 3, None, None, "jit", "noisy"),
+    (3, 3, None, None, "fast", "noisy"),
+    (3, 1, "3,1,0,0", "1,1,1,1", "jit", "noisy"),
+    (7, 3, None, None, "fast", "self"),
+    (7, 1, None, None, "jit", "noisy"),
+]
+
+
+@pytest.mark.parametrize("k,f,fan_hit,fan_miss,fallback,draft", SSD_CASES)
+def test_ssd_equals_ar(ar_tokens, k, f, fan_hit, fan_miss, fallback, draft):
+  llm = LLM(TARGET, DRAFTS[draft], method="ssd", k=k, f=f, fanout_hit=fan_hit,
+            fanout_miss=fan_miss, fallback=fallback, **COMMON)
+  m = _check(llm, ar_tokens)
+  assert m["cache_hit_rate"] is not None
+  if draft == "self":
+    assert m["cache_hit_rate"] == 1.0
+
+
+def test_ssd_sees_hits_and_misses(ar_tokens):
+  """The noisy draft must produce both cache hits and misses, or the cache logic is
+  untested by the exactness cases above."""
+  llm = LLM(TARGET, DRAFTS["noisy"], method="ssd", k=3, f=3, fallback="jit", **COMMON)
+  outs = llm.generate(PROMPTS, SamplingParams(max_new_tokens=MAX_NEW, ignore_eos=True))
+  assert [o.token_ids for o in outs] == ar_tokens["batch"]
+  hits = llm.last_metrics["cache_hit_rate"]
+  assert 0.0 < hits < 1.0, hits
+  assert 0.0 < llm.last_metrics["mean_accepted"] < 3.0
+
+
+def test_ssd_tensor_parallel_target_with_separate_draft_device(ar_tokens):
+  llm = LLM(TARGET, DRAFTS["noisy"], method="ssd", k=3, f=2, mesh="2x1", draft_devices=1,
+            **COMMON)
+  assert llm.draft.mesh.devices.size == 1
+  assert set(llm.draft.mesh.devices.flat).isdisjoint(set(llm.target.mesh.devices.flat))
+  _check(llm, ar_tokens)
+
+
+def test_sd_tensor_parallel_with_separate_draft_device(ar_tokens):
+  llm = LLM(TARGET, DRAFTS["noisy"], method="sd", k=3, mesh="2x1", draft_devices=1, **COMMON)
+  _check(llm, ar_tokens)
+
+
+def test_no_recompilation_after_warmup():
+  """Once a shape bucket (batch, prompt length, pages) is compiled, new requests in the
+  same buckets compile nothing, whatever their tokens, lengths or acceptance pattern."""
+  llm = LLM(TARGET, DRAFTS["noisy"], method="ssd", k=3, f=2, **COMMON)
+  llm.generate(PROMPTS, SamplingParams(max_new_tokens=8, ignore_eos=True))
+  assert llm.last_metrics["compilations"] > 0
+  other = [[(t * 7 + 3) % 90 for t in p] for p in PROMPTS]
+  other[2] = other[2] + [4, 4, 4]
+  llm.generate(other, SamplingParams(max_new_tokens=12, ignore_eos=True))
+  assert llm.last_metrics["compilations"] == 0
+
+
+@pytest.mark.parametrize("method", ["ar", "sd", "ssd"])
+def test_eos_inside_speculation_and_max_new_tokens(method):
+  """Outputs stop at EOS (kept as the last token) and never exceed max_new_tokens."""
+  ar = LLM(TARGET, method="ar", **COMMON)
+  ref = _generate(ar, PROMPTS, max_new=40)
+  # Pick a token the target actually produces mid-sequence and declare it EOS.
+  stop_tok = ref[1][5]
+  kw = dict(COMMON)
+  if method != "ar":
+    kw.update(method=method, k=7)
+  draft = TARGET if method != "ar" else None  # accepts everything: EOS lands mid-speculation
+  llm = LLM(TARGET, draft, **kw) if draft is not None else LLM(TARGET, method="ar", **kw)
+  llm.eos_ids = llm.decoder.eos_ids = (stop_tok,)
+  outs = llm.generate(PROMPTS, SamplingParams(max_new_tokens=40))
+  for r, o in zip(ref, outs):
+    expect = r[:r.index(stop_tok) + 1] if stop_tok in r else r
+    assert o.token_ids == expect
+    assert len(o.token_ids) <= 40
+  assert outs[1].finish_reason == "stop"
+  short = llm.generate(PROMPTS, SamplingParams(max_new_tokens=3, ignore_eos=True))
+  assert all(len(o.token_ids) == 3 for o in short)
+  assert [o.token_ids for o in short] == [r[:3] for r in _generate(ar, PROMPTS, 3)]
