@@ -12,10 +12,17 @@ from ssd_jax.engine.sampling import sample_tokens
 from ssd_jax.models.transformer import AttentionInputs
 
 
-def first_token_state(logits, consts: WaveConstants, prompt_len, key):
+def next_tokens(logits, consts: WaveConstants, key, greedy: bool):
+  """Sample from the target distribution; an all-greedy wave skips the sort (argmax)."""
+  if greedy:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return sample_tokens(logits, consts.sampling, key)
+
+
+def first_token_state(logits, consts: WaveConstants, prompt_len, key, greedy: bool = False):
   """Sample each sequence's first token from its prefill logits; build the decode state."""
   key, sub = jax.random.split(key)
-  token = sample_tokens(logits, consts.sampling, sub)
+  token = next_tokens(logits, consts, sub, greedy)
   done0 = jnp.zeros(token.shape, bool)
   count, done, generated = apply_stops(token[:, None], jnp.ones_like(token), done0,
                                        jnp.zeros_like(token), consts)
@@ -27,8 +34,8 @@ class ARDecoder(Decoder):
   def __init__(self, target: ModelRunner, tokenizer_decode, eos_ids):
     super().__init__(tokenizer_decode, eos_ids)
     self.target = target
-    self._first = target.jit(first_token_state)
-    self._step = target.jit(self._step_fn, donate_argnums=(1,))
+    self._first = target.jit(first_token_state, static_argnames=("greedy",))
+    self._step = target.jit(self._step_fn, donate_argnums=(1,), static_argnames=("greedy",))
 
   def num_compilations(self) -> int:
     return self.target.num_compilations()
@@ -42,15 +49,17 @@ class ARDecoder(Decoder):
     prompt_len = np.zeros((wave.batch,), np.int32)
     prompt_len[:len(seqs)] = [s.prompt_len for s in seqs]
     key = jax.random.key(seqs[0].params.seed)
-    state, first, count = self._first(logits, self.consts, *self.target.put((prompt_len, key)))
-    return state, first, count
+    self.greedy = wave.all_greedy
+    return self._first(logits, self.consts, *self.target.put((prompt_len, key)),
+                       greedy=self.greedy)
 
   def round(self, state):
     self.target.kv, state, emitted, count = self._step(self.target.params, self.target.kv,
-                                                       state, self.consts)
+                                                       state, self.consts,
+                                                       greedy=self.greedy)
     return state, emitted, count, {}
 
-  def _step_fn(self, params, kv, state: DecodeState, consts: WaveConstants):
+  def _step_fn(self, params, kv, state: DecodeState, consts: WaveConstants, greedy: bool):
     tokens, positions = state.token[:, None], state.pos[:, None]
     live = ~state.done[:, None]
     attn = AttentionInputs(
@@ -59,7 +68,7 @@ class ARDecoder(Decoder):
         kv_limit=jnp.where(live, positions + 1, 0))
     logits, kv, _ = self.target.forward(params, kv, tokens, positions, attn)
     key, sub = jax.random.split(state.key)
-    nxt = sample_tokens(logits[:, 0], consts.sampling, sub)
+    nxt = next_tokens(logits[:, 0], consts, sub, greedy)
     count, done, generated = apply_stops(nxt[:, None], jnp.ones_like(nxt), state.done,
                                          state.generated, consts)
     advance = count > 0

@@ -71,7 +71,7 @@ class SDDecoder(Decoder):
                tokenizer_decode, eos_ids):
     super().__init__(tokenizer_decode, eos_ids)
     self.target, self.draft, self.opts = target, draft, opts
-    self._first = target.jit(first_token_state)
+    self._first = target.jit(first_token_state, static_argnames=("greedy",))
     self._propose = draft.jit(self._propose_fn, donate_argnums=(1,),
                               static_argnames=("want_q",))
     self._verify = target.jit(self._verify_fn, donate_argnums=(1,),
@@ -99,7 +99,8 @@ class SDDecoder(Decoder):
     self.prev = self.target.put(last)  # the token before `state.token`: its KV is rewritten
     self.draft_key = self.draft.put(jax.random.key(seqs[0].params.seed + 1))
     key = jax.random.key(seqs[0].params.seed)
-    return self._first(logits, self.consts, *self.target.put((prompt_len, key)))
+    return self._first(logits, self.consts, *self.target.put((prompt_len, key)),
+                       greedy=self.greedy)
 
   def round(self, state: DecodeState):
     token, prev, pos, done = self.draft.put((state.token, self.prev, state.pos, state.done))

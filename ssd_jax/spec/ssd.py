@@ -87,7 +87,7 @@ class SSDDecoder(Decoder):
     super().__init__(tokenizer_decode, eos_ids)
     self.target, self.draft, self.opts = target, draft, opts
     self.branch_a, self.branch_rank = draft.put(opts.plan.branch_arrays())
-    self._first = target.jit(first_token_state)
+    self._first = target.jit(first_token_state, static_argnames=("greedy",))
     self._first_spec = draft.jit(self._first_spec_fn, donate_argnums=(1,),
                                  static_argnames=("want_q",))
     self._verify = target.jit(self._verify_fn, donate_argnums=(1,),
@@ -114,7 +114,8 @@ class SSDDecoder(Decoder):
     prompt_len = np.zeros((wave.batch,), np.int32)
     prompt_len[:len(seqs)] = [s.prompt_len for s in seqs]
     key = jax.random.key(seqs[0].params.seed)
-    state, first, count = self._first(logits, self.consts, *self.target.put((prompt_len, key)))
+    state, first, count = self._first(logits, self.consts, *self.target.put((prompt_len, key)),
+                                      greedy=not self.want_q)
     # The first speculation has no cache to come from: draft it directly (a "miss").
     token, pos, done = self.draft.put((state.token, state.pos, state.done))
     self.draft.kv, self.dstate, q = self._first_spec(

@@ -1,0 +1,53 @@
+"""Writes a model back as a HuggingFace checkpoint (the inverse of the loader).
+
+The directory holds config.json, safetensors in HF layout (sharded with an index above
+4 GB) and, when given, the tokenizer, so that both `load_model` and
+`transformers.AutoModelForCausalLM.from_pretrained` read it. Parameters are gathered to
+the host one at a time.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from ssd_jax.config import ModelConfig
+from ssd_jax.checkpoint.layout import param_layouts, var_value
+from ssd_jax.checkpoint.safetensors_writer import (MAX_SHARD_BYTES, TensorSpec, chunks_of,
+                                                   write_safetensors)
+
+
+def save_hf_checkpoint(model, cfg: ModelConfig, out_dir: str, tokenizer=None, dtype=None,
+                       *, max_shard_bytes: int = MAX_SHARD_BYTES) -> str:
+  """Saves `model` (a Transformer) as a HF checkpoint in `out_dir`; returns out_dir.
+
+  dtype: dtype of the written tensors (e.g. "bfloat16"); None keeps each parameter's.
+  """
+  os.makedirs(out_dir, exist_ok=True)
+  state = nnx.state(model, nnx.Param)
+  specs = []
+  names = []
+  for layout, var in param_layouts(state):
+    value = var_value(var)
+    np_dtype = np.dtype(jnp.dtype(dtype if dtype is not None else value.dtype))
+    names.append(np_dtype.name)
+
+    def produce(value=value, layout=layout, np_dtype=np_dtype):
+      host = np.asarray(jax.device_get(value))
+      yield from chunks_of(layout.to_hf(host).astype(np_dtype, copy=False))
+
+    specs.append(TensorSpec(layout.hf_name, layout.hf_shape, np_dtype, produce))
+  write_safetensors(out_dir, specs, max_shard_bytes=max_shard_bytes)
+  hf = cfg.to_hf_dict()
+  if names:
+    hf["torch_dtype"] = max(set(names), key=names.count)
+  with open(os.path.join(out_dir, "config.json"), "w") as f:
+    json.dump(hf, f, indent=2)
+  if tokenizer is not None:
+    tokenizer.save_pretrained(out_dir)
+  return out_dir

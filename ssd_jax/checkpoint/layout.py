@@ -1,0 +1,154 @@
+"""Where each model parameter lives in a HuggingFace checkpoint, and how its layout differs.
+
+Our parameters are split per head for sharding (q_proj [embed, heads, head_dim], o_proj
+[heads, head_dim, embed], ...) while HF stores `nn.Linear` weights as [out, in]. Every
+parameter is described by one `TensorLayout`: our array is the HF tensor reshaped to
+`split` and transposed by `perm`. The loader, the exporter and the random-checkpoint
+writer all use this one table, so they cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+import jax
+import numpy as np
+from flax import nnx
+
+# Linear weights whose first `n` of our axes are the input side (HF's second dim);
+# the remaining axes are the output side (HF's first dim), split per head where needed.
+_LINEAR_IN_AXES = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1,
+                   "up_proj": 1, "down_proj": 1, "lm_head": 1}
+_BIASES = {"q_bias": "q_proj", "k_bias": "k_proj", "v_bias": "v_proj", "o_bias": "o_proj"}
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorLayout:
+  """ours = hf.reshape(split).transpose(perm); `groups[i]` split axes make HF dim i."""
+  path: tuple            # our parameter path, e.g. ("layers", 3, "self_attn", "q_proj")
+  hf_name: str           # e.g. "model.layers.3.self_attn.q_proj.weight"
+  hf_shape: tuple
+  split: tuple
+  perm: tuple
+  groups: tuple
+
+  @property
+  def shape(self) -> tuple:
+    return tuple(self.split[p] for p in self.perm)
+
+  @property
+  def kind(self) -> str:
+    """'norm' (init to ones), 'bias' (zeros) or 'weight' (random) for random init."""
+    leaf = self.path[-1]
+    if leaf in _BIASES:
+      return "bias"
+    if leaf == "weight":  # RMSNorm scales are the only `weight` leaves
+      return "norm"
+    return "weight"
+
+  def to_hf(self, ours: np.ndarray) -> np.ndarray:
+    """Inverse of the load transform: our array -> HF tensor."""
+    return np.ascontiguousarray(np.transpose(ours, np.argsort(self.perm)).reshape(self.hf_shape))
+
+  def from_hf(self, hf: np.ndarray) -> np.ndarray:
+    return np.transpose(hf.reshape(self.split), self.perm)
+
+  def hf_slices(self, index: tuple) -> tuple[tuple, tuple]:
+    """For a block `index` (slices over our axes): HF slices to read, and the slices to
+    apply after `reshape` to the split layout (the part a contiguous HF read cannot do)."""
+    ours_shape = self.shape
+    split_sl = [None] * len(self.split)
+    for i, sl in enumerate(index):
+      split_sl[self.perm[i]] = slice(*sl.indices(ours_shape[i])[:2])
+    hf_sl, post = [], []
+    axis = 0
+    for n in self.groups:
+      axes = range(axis, axis + n)
+      inner = math.prod(self.split[a] for a in axes[1:])
+      first = split_sl[axis]
+      hf_sl.append(slice(first.start * inner, first.stop * inner))
+      post.append(slice(None))
+      post.extend(split_sl[a] for a in axes[1:])
+      axis += n
+    return tuple(hf_sl), tuple(post)
+
+  def read_block(self, hf_block: np.ndarray, index: tuple, post: tuple) -> np.ndarray:
+    """HF block (read with `hf_slices`) -> our block for `index`."""
+    # Reshape the HF block to the split layout; the first axis of each group is partial.
+    shape, axis = [], 0
+    for g, n in enumerate(self.groups):
+      inner = math.prod(self.split[axis + 1: axis + n])
+      shape.append(hf_block.shape[g] // inner)
+      shape.extend(self.split[axis + 1: axis + n])
+      axis += n
+    block = hf_block.reshape(shape)[post]
+    return np.transpose(block, self.perm)
+
+
+def _key(k):
+  for attr in ("key", "idx", "name"):
+    if hasattr(k, attr):
+      return getattr(k, attr)
+  raise TypeError(f"unexpected pytree key {k!r}")
+
+
+def state_path(keypath) -> tuple:
+  """A jax key path of an NNX state leaf -> tuple of str/int."""
+  return tuple(_key(k) for k in keypath)
+
+
+def layout_for(path: tuple, shape: tuple) -> TensorLayout:
+  """The HF name and layout of one of our parameters, given its path and shape."""
+  shape = tuple(int(s) for s in shape)
+  ident = lambda name: TensorLayout(path, name, shape, shape, tuple(range(len(shape))),
+                                    (1,) * len(shape))
+  if path == ("embed_tokens",):
+    return ident("model.embed_tokens.weight")
+  if path == ("norm", "weight"):
+    return ident("model.norm.weight")
+  if len(path) >= 3 and path[0] == "layers":
+    prefix = f"model.layers.{int(path[1])}."
+    rest = path[2:]
+    leaf = rest[-1]
+    if leaf == "weight":  # RMSNorm scale (input/post-attention, q_norm, k_norm)
+      return ident(prefix + ".".join(rest))
+    if leaf in _BIASES:
+      name = prefix + ".".join(rest[:-1] + (_BIASES[leaf], "bias"))
+      return TensorLayout(path, name, (math.prod(shape),), shape, tuple(range(len(shape))),
+                          (len(shape),))
+    if leaf in _LINEAR_IN_AXES:
+      return _linear(path, prefix + ".".join(rest) + ".weight", shape, _LINEAR_IN_AXES[leaf])
+  if path == ("lm_head",):
+    return _linear(path, "lm_head.weight", shape, 1)
+  raise KeyError(f"no HuggingFace name known for model parameter {'.'.join(map(str, path))}")
+
+
+def _linear(path, name, shape, n_in) -> TensorLayout:
+  ins, outs = shape[:n_in], shape[n_in:]
+  split = outs + ins
+  perm = tuple(range(len(outs), len(split))) + tuple(range(len(outs)))
+  hf_shape = (math.prod(outs), math.prod(ins))
+  return TensorLayout(path, name, hf_shape, split, perm, (len(outs), len(ins)))
+
+
+def is_param(x) -> bool:
+  return isinstance(x, nnx.Param)
+
+
+def param_layouts(abstract_state) -> list[tuple[TensorLayout, object]]:
+  """(layout, Param) for every nnx.Param of a (possibly abstract) model state, in order."""
+  leaves = jax.tree_util.tree_flatten_with_path(
+      abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
+  out = []
+  for kp, var in leaves:
+    if is_param(var):
+      out.append((layout_for(state_path(kp), var_value(var).shape), var))
+  return out
+
+
+def var_value(var):
+  """The value of an nnx.Variable (array or ShapeDtypeStruct), across flax versions."""
+  if hasattr(var, "get_value"):
+    return var.get_value()
+  return var.value

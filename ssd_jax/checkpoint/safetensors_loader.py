@@ -1,0 +1,154 @@
+"""Reads a HuggingFace safetensors checkpoint straight into (sharded) device arrays.
+
+Every parameter is created with `jax.make_array_from_callback`: for each device's block
+the callback reads only that block's rows/columns from the memory-mapped file
+(`safe_open(...).get_slice`), converts the HF layout to ours and casts. No full host copy
+of the model, nor of a parameter per device, is ever made. All names, shapes and dtypes
+are checked against the file headers before anything is read, so a bad checkpoint fails
+at once with one line naming the file and the tensor.
+"""
+
+from __future__ import annotations
+
+import glob
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from safetensors import safe_open
+
+from ssd_jax.config import ModelConfig
+from ssd_jax.checkpoint.abstract import (abstract_model, check_mesh, materialize,
+                                         param_sharding)
+from ssd_jax.checkpoint.errors import CheckpointError
+from ssd_jax.checkpoint.layout import param_layouts
+
+SUPPORTED_FILE_DTYPES = ("F32", "F16", "BF16", "F64")
+INDEX_NAME = "model.safetensors.index.json"
+
+
+def _one_line(e: BaseException) -> str:
+  return " ".join(str(e).split())
+
+
+class WeightFiles:
+  """The tensors of a HF model directory: name -> file, with lazily opened handles.
+
+  `label` is the file that error messages name: the index for a sharded checkpoint, the
+  single model.safetensors otherwise.
+  """
+
+  def __init__(self, model_dir: str):
+    self.model_dir = model_dir
+    self._handles: dict[str, object] = {}
+    index = os.path.join(model_dir, INDEX_NAME)
+    if os.path.isfile(index):
+      self.label = index
+      try:
+        with open(index) as f:
+          weight_map = json.load(f)["weight_map"]
+      except (json.JSONDecodeError, KeyError, TypeError) as e:
+        raise CheckpointError(f"{index}: not a valid safetensors index (expected a JSON "
+                              f"object with a weight_map; {_one_line(e)})") from None
+      self.file_of = {name: os.path.join(model_dir, fname)
+                      for name, fname in weight_map.items()}
+      for fname in sorted(set(self.file_of.values())):
+        if not os.path.isfile(fname):
+          raise CheckpointError(f"{index}: shard {os.path.basename(fname)} is listed but "
+                                "missing from the directory")
+    else:
+      files = sorted(glob.glob(os.path.join(model_dir, "*.safetensors")))
+      if not files:
+        others = [n for n in ("pytorch_model.bin", "model.pt", "tf_model.h5")
+                  if os.path.exists(os.path.join(model_dir, n))]
+        hint = f" (found {others[0]}; only safetensors weights are supported)" if others else ""
+        raise CheckpointError(f"{model_dir}: no *.safetensors weights; expected "
+                              f"model.safetensors or {INDEX_NAME} with its shards{hint}")
+      self.label = files[0] if len(files) == 1 else os.path.join(model_dir, "*.safetensors")
+      self.file_of = {}
+      for fname in files:
+        for name in self._open(fname).keys():
+          self.file_of[name] = fname
+
+  def _open(self, fname: str):
+    h = self._handles.get(fname)
+    if h is None:
+      try:
+        h = safe_open(fname, framework="numpy")
+      except Exception as e:  # SafetensorError, OSError: corrupt or unreadable file
+        raise CheckpointError(f"{fname}: not a readable safetensors file "
+                              f"({_one_line(e)})") from None
+      self._handles[fname] = h
+    return h
+
+  def has(self, name: str) -> bool:
+    return name in self.file_of
+
+  def slice_of(self, name: str):
+    return self._open(self.file_of[name]).get_slice(name)
+
+  def check(self, name: str, shape: tuple) -> None:
+    """Raises CheckpointError unless tensor `name` exists with `shape` and a float dtype."""
+    if name not in self.file_of:
+      raise CheckpointError(f"{self.label}: tensor {name} missing")
+    fname = self.file_of[name]
+    try:
+      sl = self.slice_of(name)
+    except CheckpointError:
+      raise
+    except Exception as e:
+      raise CheckpointError(f"{fname}: tensor {name} listed in {self.label} but not "
+                            f"readable ({_one_line(e)})") from None
+    found = tuple(int(s) for s in sl.get_shape())
+    if found != tuple(shape):
+      raise CheckpointError(f"{fname}: tensor {name}: expected {list(shape)}, "
+                            f"found {list(found)}")
+    dt = sl.get_dtype()
+    if dt not in SUPPORTED_FILE_DTYPES:
+      raise CheckpointError(f"{fname}: tensor {name} has dtype {dt}; expected one of "
+                            f"{', '.join(SUPPORTED_FILE_DTYPES)}")
+
+  def close(self) -> None:
+    self._handles.clear()
+
+
+def _check_unsupported(files: WeightFiles, cfg: ModelConfig, layouts) -> None:
+  """Tensors HF would use but our model cannot (an output-projection bias)."""
+  ours = {layout.hf_name for layout, _ in layouts}
+  if cfg.attention_bias:
+    for i in range(cfg.num_layers):
+      name = f"model.layers.{i}.self_attn.o_proj.bias"
+      if files.has(name) and name not in ours:
+        raise CheckpointError(f"{files.file_of[name]}: tensor {name} (attention_bias) is not "
+                              "supported: the model has q/k/v biases but no o_proj bias")
+
+
+def read_model(model_dir: str, cfg: ModelConfig, *, dtype, mesh=None,
+               attention_impl: str = "xla"):
+  """The Transformer for `cfg` with its weights read from the safetensors in `model_dir`."""
+  graphdef, abstract_state = abstract_model(cfg, dtype, mesh, attention_impl)
+  layouts = param_layouts(abstract_state)
+  check_mesh(cfg, mesh, layouts)
+  files = WeightFiles(model_dir)
+  for layout, _ in layouts:
+    files.check(layout.hf_name, layout.hf_shape)
+  _check_unsupported(files, cfg, layouts)
+  target = np.dtype(jnp.dtype(dtype))
+
+  def make(_, layout, var):
+    src = files.slice_of(layout.hf_name)
+
+    def block(index):
+      hf_sl, post = layout.hf_slices(index)
+      arr = layout.read_block(src[hf_sl], index, post)
+      return np.ascontiguousarray(arr, dtype=target)
+
+    return jax.make_array_from_callback(layout.shape, param_sharding(mesh, var, layout.shape),
+                                        block)
+
+  try:
+    return materialize(graphdef, abstract_state, cfg, make)
+  finally:
+    files.close()

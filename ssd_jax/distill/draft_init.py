@@ -1,0 +1,244 @@
+"""The draft's architecture, derived from its target, and its initial weights.
+
+A draft shares the target's tokenizer and vocabulary (speculative decoding compares token
+ids), so only depth, width and heads are free. With `init_from_target` the draft starts as
+a truncated copy of the target: its embeddings, its first `num_layers` decoder layers and
+its final norm (and lm_head when the embeddings are untied), which is a much better start
+than random weights: the first layers already build the residual stream the final norm and
+the (shared) unembedding expect.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import shutil
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from ssd_jax.config import ModelConfig
+from ssd_jax.models.transformer import Transformer
+
+
+def draft_config(target_cfg: ModelConfig, *, num_layers: int = 4, hidden_size: int | None = None,
+                 intermediate_size: int | None = None, num_heads: int | None = None,
+                 num_kv_heads: int | None = None, head_dim: int | None = None,
+                 model_type: str | None = None) -> ModelConfig:
+  """The target's config with the draft's shape; everything token-related is kept."""
+  hidden = hidden_size or target_cfg.hidden_size
+  heads = num_heads or target_cfg.num_heads
+  kv_heads = num_kv_heads or min(target_cfg.num_kv_heads, heads)
+  if head_dim is None:
+    head_dim = (target_cfg.head_dim if hidden == target_cfg.hidden_size
+                and heads == target_cfg.num_heads else hidden // heads)
+  if heads % kv_heads:
+    raise ValueError(f"draft num_heads={heads} is not a multiple of num_kv_heads={kv_heads}")
+  if num_layers < 1:
+    raise ValueError("draft needs at least one layer")
+  mt = model_type or target_cfg.model_type
+  return dataclasses.replace(
+      target_cfg,
+      model_type=mt,
+      num_layers=num_layers,
+      hidden_size=hidden,
+      intermediate_size=intermediate_size or target_cfg.intermediate_size,
+      num_heads=heads,
+      num_kv_heads=kv_heads,
+      head_dim=head_dim,
+      qk_norm=(mt == "qwen3"),
+  )
+
+
+def check_init_compatible(target_cfg: ModelConfig, cfg: ModelConfig) -> None:
+  """Raises ValueError unless `cfg` can start as a truncated copy of the target."""
+  problems = []
+  for field in ("hidden_size", "intermediate_size", "num_heads", "num_kv_heads", "head_dim",
+                "vocab_size", "model_type", "attention_bias", "tie_word_embeddings"):
+    if getattr(cfg, field) != getattr(target_cfg, field):
+      problems.append(f"{field} {getattr(cfg, field)} != target's {getattr(target_cfg, field)}")
+  if cfg.num_layers > target_cfg.num_layers:
+    problems.append(f"num_layers {cfg.num_layers} > target's {target_cfg.num_layers}")
+  if problems:
+    raise ValueError("--init_from_target needs the target's width and heads and at most its "
+                     "depth: " + "; ".join(problems))
+
+
+def flat_params(model: nnx.Module) -> dict[str, jax.Array]:
+  """{'layers.0.self_attn.q_proj': array, ...}: the model's parameters by dotted name."""
+  state = nnx.state(model, nnx.Param)
+  return {".".join(str(k) for k in path): var[...] for path, var in nnx.to_flat_state(state)}
+
+
+def assign_params(model: nnx.Module, flat: dict[str, jax.Array], *, strict: bool = True) -> None:
+  """Sets the model's parameters in place from `flat` (names as in `flat_params`)."""
+  state = nnx.state(model, nnx.Param)
+  seen = set()
+  for path, var in nnx.to_flat_state(state):
+    name = ".".join(str(k) for k in path)
+    if name not in flat:
+      if strict:
+        raise KeyError(f"missing parameter {name}")
+      continue
+    value = jnp.asarray(flat[name])
+    if value.shape != var[...].shape:
+      raise ValueError(f"{name}: shape {value.shape} != model's {var[...].shape}")
+    var[...] = jnp.array(value, var[...].dtype, copy=True)
+    seen.add(name)
+  if strict:
+    extra = set(flat) - seen
+    if extra:
+      raise KeyError(f"unexpected parameters: {sorted(extra)[:5]}")
+
+
+def build_draft(cfg: ModelConfig, *, target: Transformer | None = None,
+                init_from_target: bool = False, dtype=jnp.float32, seed: int = 0,
+                attention_impl: str = "xla") -> Transformer:
+  """A fresh draft; with `init_from_target`, a truncated copy of `target`.
+
+  Without init the embeddings are still taken from the target when shapes allow (the
+  draft shares its vocabulary, and frozen embeddings must equal the target's).
+  """
+  draft = Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(seed), attention_impl=attention_impl)
+  if target is None:
+    if init_from_target:
+      raise ValueError("init_from_target needs the target model")
+    return draft
+  src = flat_params(target)
+  if init_from_target:
+    check_init_compatible(target.cfg, cfg)
+    keep = {k: v for k, v in src.items()
+            if not k.startswith("layers.") or int(k.split(".")[1]) < cfg.num_layers}
+    assign_params(draft, keep, strict=True)
+  else:
+    emb = src["embed_tokens"]
+    if emb.shape == draft.embed_tokens[...].shape:
+      assign_params(draft, {"embed_tokens": emb}, strict=False)
+  return draft
+
+
+# --- the repo format of a default draft: its non-embedding weights only -------------------
+#
+# A draft with frozen embeddings shares them with its target, so the repository keeps only
+# the other weights (bf16 safetensors, in the engine's own names and shapes) plus a json with
+# the config; `ensure_default_draft` joins them with the target's embedding into a full
+# HuggingFace dir in the cache on first use.
+
+DEFAULT_DRAFT_NAME = "smollm2-135m-draft"
+LAYERS_PREFIX = "draft_layers"
+
+
+def repo_drafts_dir() -> str:
+  return os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "drafts"))
+
+
+def cache_root() -> str:
+  return os.environ.get("SSD_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
+                                                         "ssd_jax")
+
+
+def save_draft_layers(model: Transformer, cfg: ModelConfig, out_dir: str, *,
+                      shard_mb: float = 15, extra: dict | None = None) -> list[str]:
+  """Writes every parameter but the embedding as bf16 safetensors shards + draft.json."""
+  import numpy as np
+  from safetensors.numpy import save_file
+  os.makedirs(out_dir, exist_ok=True)
+  flat = {k: np.asarray(jnp.asarray(v, jnp.bfloat16)).view(np.uint16)
+          for k, v in flat_params(model).items() if k != "embed_tokens"}
+  shards, cur, size = [], {}, 0
+  for k in sorted(flat):
+    nbytes = flat[k].nbytes
+    if cur and size + nbytes > shard_mb * 2**20:
+      shards.append(cur)
+      cur, size = {}, 0
+    cur[k] = flat[k]
+    size += nbytes
+  shards.append(cur)
+  for fn in os.listdir(out_dir):
+    if fn.startswith(LAYERS_PREFIX) and fn.endswith(".safetensors"):
+      os.remove(os.path.join(out_dir, fn))
+  files = []
+  for i, shard in enumerate(shards):
+    fn = (f"{LAYERS_PREFIX}.safetensors" if len(shards) == 1
+          else f"{LAYERS_PREFIX}-{i + 1:05d}-of-{len(shards):05d}.safetensors")
+    # bf16 is stored through a uint16 view (safetensors.numpy has no bfloat16); the dtype
+    # in draft.json says how to read it back.
+    save_file(shard, os.path.join(out_dir, fn), metadata={"dtype": "bfloat16"})
+    files.append(fn)
+  meta = {"config": cfg.to_hf_dict(), "dtype": "bfloat16", "files": files,
+          "embedding": "the target's (frozen); joined by ensure_default_draft()",
+          **(extra or {})}
+  with open(os.path.join(out_dir, "draft.json"), "w") as f:
+    json.dump(meta, f, indent=2, sort_keys=True)
+  return files
+
+
+def load_draft_layers(src_dir: str) -> tuple[ModelConfig, dict]:
+  """(config, {name: bf16 array}) from a `save_draft_layers` directory."""
+  import ml_dtypes
+  from safetensors.numpy import load_file
+  with open(os.path.join(src_dir, "draft.json")) as f:
+    meta = json.load(f)
+  cfg = ModelConfig.from_hf_dict(meta["config"], source=os.path.join(src_dir, "draft.json"))
+  flat = {}
+  for fn in meta["files"]:
+    for k, v in load_file(os.path.join(src_dir, fn)).items():
+      flat[k] = v.view(ml_dtypes.bfloat16) if meta.get("dtype") == "bfloat16" else v
+  return cfg, flat
+
+
+def _digest(src_dir: str) -> str:
+  h = hashlib.sha256()
+  for fn in sorted(os.listdir(src_dir)):
+    if fn.endswith((".safetensors", ".json")):
+      h.update(fn.encode())
+      with open(os.path.join(src_dir, fn), "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+          h.update(chunk)
+  return h.hexdigest()[:12]
+
+
+def build_full_draft(src_dir: str, out_dir: str, *, target_path: str | None = None,
+                     dtype=jnp.bfloat16, with_tokenizer: bool = True) -> str:
+  """Joins draft layers with the target's embedding into a HuggingFace dir at out_dir."""
+  from ssd_jax.checkpoint import load_model, load_tokenizer
+  from ssd_jax.checkpoint.export import save_hf_checkpoint
+  cfg, flat = load_draft_layers(src_dir)
+  target, tcfg = load_model(target_path, dtype=jnp.float32)
+  if tcfg.vocab_size != cfg.vocab_size or tcfg.hidden_size != cfg.hidden_size:
+    raise ValueError(f"{src_dir}: draft does not fit the target (vocab/hidden "
+                     f"{cfg.vocab_size}/{cfg.hidden_size} vs {tcfg.vocab_size}/"
+                     f"{tcfg.hidden_size})")
+  flat = dict(flat)
+  flat["embed_tokens"] = target.embed_tokens[...]
+  draft = Transformer(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
+  assign_params(draft, {k: jnp.asarray(v, jnp.float32) for k, v in flat.items()})
+  del target
+  tmp = out_dir + f".tmp{os.getpid()}"
+  if os.path.isdir(tmp):
+    shutil.rmtree(tmp)
+  tok = load_tokenizer(target_path) if with_tokenizer else None
+  save_hf_checkpoint(draft, cfg, tmp, tokenizer=tok, dtype=dtype)
+  if os.path.isdir(out_dir):
+    shutil.rmtree(out_dir)
+  os.replace(tmp, out_dir)
+  return out_dir
+
+
+def ensure_default_draft(name: str = DEFAULT_DRAFT_NAME) -> str:
+  """The default draft of the embedded target as a HuggingFace dir (built once, cached).
+
+  The dir lives under $SSD_JAX_CACHE (default ~/.cache/ssd_jax)/drafts/, keyed by a hash of
+  the repo's draft files, so an updated draft is rebuilt and later calls are instant.
+  """
+  src = os.path.join(repo_drafts_dir(), name)
+  if not os.path.isfile(os.path.join(src, "draft.json")):
+    raise FileNotFoundError(f"no default draft at {src}")
+  out = os.path.join(cache_root(), "drafts", f"{name}-{_digest(src)}")
+  if os.path.isfile(os.path.join(out, "config.json")):
+    return out
+  os.makedirs(os.path.dirname(out), exist_ok=True)
+  return build_full_draft(src, out)

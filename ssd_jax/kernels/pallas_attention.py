@@ -1,0 +1,359 @@
+"""Pallas paged attention: one kernel for decode, verification, prefill chunks and SSD trees.
+
+Contract: exactly `reference.paged_attention` (same arguments, shapes and outputs). Query
+(b, i) attends to the logical KV positions [0, kv_limit[b, i]) of sequence b; position p
+lives in page page_table[b, p // page_size], slot p % page_size, of a pool laid out
+[num_pages, page_size, Hkv, D].
+
+How the work is cut:
+
+* Rows. For one sequence and one KV head, the `group = Hq // Hkv` query heads of that KV
+  head times the Q queries form the rows of one tile (row r = query r // group, head
+  r % group), so every KV page is read once for the whole group and all queries of the
+  step. Rows are padded to a power of two >= 16 (Triton's matmul minimum); more rows than
+  `block_rows` (long prefill chunks, big trees) are cut into several row tiles.
+* Columns. A program walks the pages of its sequence with a `fori_loop` whose trip count
+  comes from the largest kv_limit of its tile: short sequences stop early, whatever the
+  page table's width. Each step reads `block_k` tokens (one or more pages, gathered by page
+  id), and the per-row limit is applied in registers; no [queries x context] mask exists in
+  memory. Softmax is online, in float32.
+* Splits. With few (sequence, head, row-tile) programs, e.g. decode at batch 1, the GPU
+  would idle, so the page range of each program is also cut into `num_splits` parts (cut
+  at run time from the actual length, so every split gets an equal share of the pages
+  really visible) whose partial results are merged afterwards with their log-sum-exp
+  (flash decoding).
+
+Positions that a row may not see never reach the result: their scores are replaced before
+the softmax and their V rows are zeroed before the second matmul, so garbage or NaN in
+unused slots and pages cannot leak (0 * NaN would).
+
+On GPU the kernel lowers through Pallas' Triton backend; elsewhere it runs in interpret
+mode (slow, for tests).
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.sharding import PartitionSpec as P
+
+from ssd_jax.kernels.reference import NEG_INF
+
+__all__ = ["paged_attention", "sharded_paged_attention", "default_config"]
+
+
+def _next_pow2(n: int) -> int:
+  return 1 << max(0, (int(n) - 1).bit_length())
+
+
+def _is_pow2(n: int) -> bool:
+  return n > 0 and (n & (n - 1)) == 0
+
+
+def _on_gpu() -> bool:
+  try:
+    return jax.default_backend() == "gpu"
+  except RuntimeError:
+    return False
+
+
+def _num_sms() -> int:
+  try:
+    dev = jax.devices()[0]
+    return int(getattr(dev, "core_count", 0)) or 132
+  except Exception:  # pylint: disable=broad-except
+    return 132
+
+
+def _compiler_params(num_warps: int, num_stages: int):
+  from jax.experimental.pallas import triton as plgpu  # pylint: disable=import-outside-toplevel
+  cls = getattr(plgpu, "CompilerParams", None) or getattr(plgpu, "TritonCompilerParams")
+  return cls(num_warps=num_warps, num_stages=num_stages)
+
+
+def default_config(*, rows: int, page_size: int, head_dim: int, dtype) -> dict:
+  """Launch parameters for a tile of `rows` rows (already a power of two >= 16)."""
+  itemsize = jnp.dtype(dtype).itemsize
+  block_k = 128 if rows <= 64 and itemsize == 2 and head_dim <= 128 else 64
+  num_warps = 4 if rows <= 32 else 8
+  stage_bytes = 2 * block_k * head_dim * itemsize  # one K and one V block
+  num_stages = 3 if 3 * stage_bytes <= 160 * 1024 else 2
+  return dict(block_k=block_k, num_warps=num_warps, num_stages=num_stages)
+
+
+# Cap on the KV splits of one program: the merge reads every split's partial result, and
+# the split count is fixed at trace time from the page table's width, which can be far
+# larger than the lengths actually present.
+MAX_SPLITS = 16
+
+
+def choose_splits(programs: int, max_splits: int, slots: int) -> int:
+  """KV splits per program so that `programs * splits` fills `slots` concurrent programs
+  (about one per SM) in whole waves."""
+  if programs >= 4 * slots or max_splits <= 1:
+    return 1
+  for splits in range(1, max_splits + 1):
+    total = programs * splits
+    waves = -(-total // slots)
+    if total >= slots and total / (waves * slots) >= 0.85:
+      return splits
+  return max_splits
+
+
+_LOG2E = math.log2(math.e)
+_LN2 = math.log(2.0)
+
+
+def _kernel(q_ref, lim_ref, pt_ref, k_ref, v_ref, o_ref, lse_ref, *, page_size: int,
+            block_k: int, num_pages: int, num_splits: int, scale: float, precision):
+  """One (sequence, kv head, row tile, split) program.
+
+  q_ref [R, D]; lim_ref [R] int32 per-row limit (clipped to the table's capacity; padding
+  rows repeat a real row's); pt_ref [P_pad] page ids of the sequence; k_ref/v_ref
+  [num_pages, page_size, D] (this KV head's slice of the pool); o_ref [R, D] (normalised
+  by this split's softmax sum); lse_ref [R].
+
+  The inner loop walks blocks of `block_k` tokens: several whole pages gathered by id when
+  block_k > page_size, one page, or a slice of one page when block_k < page_size.
+  """
+  rows, head_dim = q_ref.shape
+  pages_per_block = max(1, block_k // page_size)
+  blocks_per_page = max(1, page_size // block_k)
+  q = q_ref[...]
+  lim = lim_ref[...]
+  max_lim = jnp.max(lim)
+  min_lim = jnp.min(lim)
+  n_blocks = lax.div(max_lim + (block_k - 1), block_k)
+  # Blocks [0, n_full) are visible to every row of the tile: no masking needed there.
+  n_full = lax.div(min_lim, block_k)
+  if num_splits > 1:
+    per_split = lax.div(n_blocks + (num_splits - 1), num_splits)
+    start = pl.program_id(3) * per_split
+    end = jnp.minimum(n_blocks, start + per_split)
+  else:
+    start, end = 0, n_blocks
+  mid = jnp.maximum(jnp.minimum(n_full, end), start)
+
+  lim_col = lim[:, None]
+  col = jnp.arange(block_k, dtype=jnp.int32)[None, :]
+  col_v = jnp.arange(block_k, dtype=jnp.int32)[:, None]
+  qk_scale = scale * _LOG2E  # scores in log2 units: exp2 instead of exp
+
+  def load_block(j):
+    if pages_per_block > 1:
+      pages = jnp.clip(pt_ref[pl.ds(j * pages_per_block, pages_per_block)], 0,
+                       num_pages - 1)
+      return (k_ref[pages].reshape(block_k, head_dim),
+              v_ref[pages].reshape(block_k, head_dim))
+    if blocks_per_page == 1:
+      page = jnp.clip(pt_ref[j], 0, num_pages - 1)
+      return k_ref[page], v_ref[page]
+    page = jnp.clip(pt_ref[lax.div(j, blocks_per_page)], 0, num_pages - 1)
+    offset = lax.rem(j, blocks_per_page) * block_k
+    return k_ref[page, pl.ds(offset, block_k)], v_ref[page, pl.ds(offset, block_k)]
+
+  def make_body(masked: bool):
+    def body(j, carry):
+      acc, m_prev, l_prev = carry
+      k, v = load_block(j)
+      s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), precision=precision,
+                          preferred_element_type=jnp.float32) * qk_scale
+      if masked:
+        pos0 = j * block_k
+        visible = (col + pos0) < lim_col  # [R, block_k], in registers only
+        s = jnp.where(visible, s, NEG_INF)
+      m_new = jnp.maximum(m_prev, jnp.max(s, axis=1))
+      alpha = jnp.exp2(m_prev - m_new)
+      p = jnp.exp2(s - m_new[:, None])
+      if masked:
+        p = jnp.where(visible, p, 0.0)  # rows that see nothing keep l = 0
+        # Zero V rows past the last visible position (unwritten slots, padding pages):
+        # p is 0 there, but 0 * NaN would not be.
+        v = jnp.where((col_v + pos0) < max_lim, v, jnp.zeros_like(v))
+      l_new = alpha * l_prev + jnp.sum(p, axis=1)
+      pv = lax.dot_general(p.astype(v.dtype), v, (((1,), (0,)), ((), ())),
+                           precision=precision, preferred_element_type=jnp.float32)
+      return acc * alpha[:, None] + pv, m_new, l_new
+    return body
+
+  carry = (jnp.zeros((rows, head_dim), jnp.float32),
+           jnp.full((rows,), NEG_INF, jnp.float32),
+           jnp.zeros((rows,), jnp.float32))
+  carry = lax.fori_loop(start, mid, make_body(False), carry)
+  acc, m, l = lax.fori_loop(mid, end, make_body(True), carry)
+  seen = l > 0.0
+  l_safe = jnp.where(seen, l, 1.0)
+  out = jnp.where(seen[:, None], acc / l_safe[:, None], 0.0)
+  o_ref[...] = out.astype(o_ref.dtype)
+  lse_ref[...] = jnp.where(seen, (m + jnp.log2(l_safe)) * _LN2, NEG_INF)
+
+
+def _merge_splits(o, lse):
+  """o [S, ..., D] float32 (normalised per split), lse [S, ...] -> merged (o, lse)."""
+  m = jnp.max(lse, axis=0)
+  w = jnp.exp(lse - m[None])  # splits that saw nothing have lse = NEG_INF -> w = 0
+  w = jnp.where(lse > NEG_INF * 0.5, w, 0.0)
+  denom = jnp.sum(w, axis=0)
+  seen = denom > 0
+  denom_safe = jnp.where(seen, denom, 1.0)
+  out = jnp.sum(o * w[..., None], axis=0) / denom_safe[..., None]
+  lse_out = jnp.where(seen, m + jnp.log(denom_safe), NEG_INF)
+  return out, lse_out
+
+
+def paged_attention(q, k_pages, v_pages, page_table, kv_limit, *, scale, interpret=None,
+                    block_rows: int | None = None, block_k: int | None = None,
+                    num_splits: int | None = None, num_warps: int | None = None,
+                    num_stages: int | None = None):
+  """Pallas version of `reference.paged_attention` (see it for the contract).
+
+  Tuning arguments (None picks defaults): block_rows, the most rows (query heads of a
+  group x queries) per tile; block_k, tokens per inner-loop step (a multiple of the page
+  size, or the page size); num_splits, how many parts each program's page range is cut
+  into (None: enough to fill the GPU); num_warps / num_stages for Triton.
+  """
+  b, nq, hq, d = q.shape
+  num_pages, page_size, hkv, d_k = k_pages.shape
+  if d_k != d or v_pages.shape != k_pages.shape:
+    raise ValueError(f"q {q.shape}, k_pages {k_pages.shape} and v_pages {v_pages.shape} "
+                     "disagree on head_dim or pool shape")
+  if hq % hkv:
+    raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads")
+  if page_table.shape[0] != b or kv_limit.shape != (b, nq):
+    raise ValueError(f"page_table {page_table.shape} / kv_limit {kv_limit.shape} do not "
+                     f"match q {q.shape}")
+  if interpret is None:
+    interpret = not _on_gpu()
+  if not interpret and not (_is_pow2(d) and _is_pow2(page_size)):
+    # Triton needs power-of-two tiles; such shapes are rare (none of Llama-3 / Qwen3).
+    from ssd_jax.kernels import reference  # pylint: disable=import-outside-toplevel
+    return reference.paged_attention(q, k_pages, v_pages, page_table, kv_limit, scale=scale)
+
+  group = hq // hkv
+  max_pages = page_table.shape[1]
+  rows = nq * group
+  block_rows = block_rows or 64
+  block_rows = max(16, _next_pow2(block_rows))
+  tile = max(16, min(_next_pow2(rows), block_rows))
+  n_tiles = pl.cdiv(rows, tile)
+  rows_pad = n_tiles * tile
+
+  cfg = default_config(rows=tile, page_size=page_size, head_dim=d, dtype=q.dtype)
+  if block_k is None:
+    block_k = cfg["block_k"] if _is_pow2(page_size) else page_size
+  if not ((block_k % page_size == 0 and _is_pow2(block_k // page_size))
+          or (page_size % block_k == 0 and _is_pow2(page_size // block_k))):
+    raise ValueError(f"block_k={block_k} must be page_size={page_size} times or divided by "
+                     "a power of two")
+  num_warps = num_warps or cfg["num_warps"]
+  num_stages = num_stages or cfg["num_stages"]
+  pages_per_block = max(1, block_k // page_size)
+  pt_width = pl.cdiv(max_pages, pages_per_block) * pages_per_block
+  n_blocks_max = pl.cdiv(max_pages * page_size, block_k)
+  if num_splits is None:
+    if interpret:
+      num_splits = 1
+    else:
+      # at least two inner steps per split
+      num_splits = choose_splits(b * hkv * n_tiles, min(MAX_SPLITS, n_blocks_max // 2),
+                                 _num_sms())
+  num_splits = max(1, min(int(num_splits), n_blocks_max))
+
+  # Rows: [B, Q, Hkv, G, D] -> [B, Hkv, Q*G, D], padded to whole tiles.
+  qr = q.reshape(b, nq, hkv, group, d).transpose(0, 2, 1, 3, 4).reshape(b, hkv, rows, d)
+  # Positions past the page table's capacity do not exist (as in the reference).
+  lim = jnp.clip(kv_limit.astype(jnp.int32), 0, max_pages * page_size)
+  lim = jnp.repeat(lim, group, axis=1)  # row r -> query r // group
+  if rows_pad != rows:
+    qr = jnp.pad(qr, ((0, 0), (0, 0), (0, rows_pad - rows), (0, 0)))
+    # Padding rows copy the last real row's limit so that they do not lower the tile's
+    # minimum (which decides where masking starts); their output is dropped.
+    lim = jnp.pad(lim, ((0, 0), (0, rows_pad - rows)), mode="edge")
+  pt = page_table.astype(jnp.int32)
+  if pt_width != max_pages:
+    pt = jnp.pad(pt, ((0, 0), (0, pt_width - max_pages)))
+
+  precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+  out_dtype = jnp.float32 if num_splits > 1 else q.dtype
+  kernel = functools.partial(
+      _kernel, page_size=page_size, block_k=block_k, num_pages=num_pages,
+      num_splits=num_splits, scale=float(scale), precision=precision)
+  grid = (b, hkv, n_tiles, num_splits)
+  kwargs = {}
+  if not interpret:
+    kwargs["compiler_params"] = _compiler_params(num_warps, num_stages)
+  o, lse = pl.pallas_call(
+      kernel,
+      grid=grid,
+      in_specs=[
+          pl.BlockSpec((None, None, tile, d), lambda i, h, t, s: (i, h, t, 0)),
+          pl.BlockSpec((None, tile), lambda i, h, t, s: (i, t)),
+          pl.BlockSpec((None, pt_width), lambda i, h, t, s: (i, 0)),
+          pl.BlockSpec((num_pages, page_size, None, d), lambda i, h, t, s: (0, 0, h, 0)),
+          pl.BlockSpec((num_pages, page_size, None, d), lambda i, h, t, s: (0, 0, h, 0)),
+      ],
+      out_specs=[
+          pl.BlockSpec((None, None, None, tile, d), lambda i, h, t, s: (s, i, h, t, 0)),
+          pl.BlockSpec((None, None, None, tile), lambda i, h, t, s: (s, i, h, t)),
+      ],
+      out_shape=[
+          jax.ShapeDtypeStruct((num_splits, b, hkv, rows_pad, d), out_dtype),
+          jax.ShapeDtypeStruct((num_splits, b, hkv, rows_pad), jnp.float32),
+      ],
+      interpret=interpret,
+      name=f"paged_attention_r{tile}_k{block_k}_s{num_splits}",
+      **kwargs,
+  )(qr, lim, pt, k_pages, v_pages)
+  o, lse = o[..., :rows, :], lse[..., :rows]
+  if num_splits > 1:
+    o, lse = _merge_splits(o, lse)
+  else:
+    o, lse = o[0], lse[0]
+  o = o.reshape(b, hkv, nq, group, d).transpose(0, 2, 1, 3, 4)
+  lse = lse.reshape(b, hkv, nq, group).transpose(0, 2, 1, 3)
+  return o.reshape(b, nq, hq, d).astype(q.dtype), lse.reshape(b, nq, hq)
+
+
+def _shard_map(f, mesh, in_specs, out_specs):
+  sm = getattr(jax, "shard_map", None)
+  if sm is None:
+    from jax.experimental.shard_map import shard_map as sm  # pylint: disable=import-outside-toplevel
+  params = inspect.signature(sm).parameters
+  kwargs = dict(mesh=mesh, in_specs=in_specs, out_specs=out_specs)
+  if "check_vma" in params:
+    kwargs["check_vma"] = False
+  elif "check_rep" in params:
+    kwargs["check_rep"] = False
+  return sm(f, **kwargs)
+
+
+def sharded_paged_attention(q, k_pages, v_pages, page_table, kv_limit, *, scale, mesh,
+                            **kernel_kwargs):
+  """`paged_attention` over a ("dp", "tp") mesh: heads split over "tp".
+
+  Each TP shard attends with its own query heads over its own KV heads (the pool is
+  sharded on its head axis), so no communication is needed. The batch is also split over
+  "dp" when the mesh has one of size > 1 that divides it; otherwise it is replicated.
+  """
+  if mesh is None or mesh.size == 1:
+    return paged_attention(q, k_pages, v_pages, page_table, kv_limit, scale=scale,
+                           **kernel_kwargs)
+  tp = mesh.shape.get("tp", 1)
+  hq, hkv = q.shape[2], k_pages.shape[2]
+  if hq % tp or hkv % tp:
+    raise ValueError(f"{hq} query heads / {hkv} KV heads do not split over tp={tp}")
+  dp = mesh.shape.get("dp", 1)
+  batch = "dp" if dp > 1 and q.shape[0] % dp == 0 else None
+  fn = functools.partial(paged_attention, scale=scale, **kernel_kwargs)
+  return _shard_map(
+      fn, mesh,
+      in_specs=(P(batch, None, "tp", None), P(None, None, "tp", None),
+                P(None, None, "tp", None), P(batch, None), P(batch, None)),
+      out_specs=(P(batch, None, "tp", None), P(batch, None, "tp")),
+  )(q, k_pages, v_pages, page_table, kv_limit)
