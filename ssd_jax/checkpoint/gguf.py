@@ -19,7 +19,6 @@ import os
 import shutil
 import sys
 import tempfile
-import time
 
 import ml_dtypes
 import numpy as np
@@ -80,7 +79,6 @@ def convert_gguf(gguf_path: str, out_dir: str, *, dtype: str = "float32") -> str
   os.makedirs(parent, exist_ok=True)
   print(f"ssd_jax: converting {os.path.basename(gguf_path)} to {out_dir} "
         "(one time, about half a minute)...", file=sys.stderr, flush=True)
-  t0 = time.time()
   tmp = tempfile.mkdtemp(prefix=os.path.basename(out_dir) + ".tmp-", dir=parent)
   try:
     _convert_into(gguf_path, tmp, dtype)
@@ -88,7 +86,6 @@ def convert_gguf(gguf_path: str, out_dir: str, *, dtype: str = "float32") -> str
   finally:
     if os.path.isdir(tmp):
       shutil.rmtree(tmp, ignore_errors=True)
-  print(f"ssd_jax: converted in {time.time() - t0:.0f} s", file=sys.stderr, flush=True)
   return out_dir
 
 

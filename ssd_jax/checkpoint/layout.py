@@ -47,6 +47,25 @@ class TensorLayout:
       return "norm"
     return "weight"
 
+  def hf_spec(self, ours_spec: tuple):
+    """The partition spec of the HF tensor whose blocks become our blocks under `ours_spec`
+    without moving data between devices; None if an inner (minor) axis of a split HF dim
+    is sharded, which no HF-layout sharding can express."""
+    split_spec = [None] * len(self.split)
+    for i, s in enumerate(ours_spec):
+      split_spec[self.perm[i]] = s
+    out, axis = [], 0
+    for n in self.groups:
+      if any(split_spec[a] is not None for a in range(axis + 1, axis + n)):
+        return None
+      out.append(split_spec[axis])
+      axis += n
+    return tuple(out)
+
+  @property
+  def is_identity(self) -> bool:
+    return self.split == self.hf_shape and self.perm == tuple(range(len(self.perm)))
+
   def to_hf(self, ours: np.ndarray) -> np.ndarray:
     """Inverse of the load transform: our array -> HF tensor."""
     return np.ascontiguousarray(np.transpose(ours, np.argsort(self.perm)).reshape(self.hf_shape))

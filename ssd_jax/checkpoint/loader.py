@@ -24,7 +24,10 @@ def resolve_model_dir(path) -> str:
                           "directory (config.json + *.safetensors) or a .gguf file")
   if os.path.isfile(path):
     if path.lower().endswith(".gguf"):
+      from ssd_jax.checkpoint import embedded
       from ssd_jax.checkpoint.gguf import ensure_converted
+      if _same_file(path, embedded.embedded_gguf_path):
+        return embedded.embedded_model_dir()  # one cache for the embedded model
       return ensure_converted(path)
     raise CheckpointError(f"{path}: is a file but not a .gguf; expected a HuggingFace model "
                           "directory (config.json + *.safetensors) or a .gguf file")
@@ -32,6 +35,13 @@ def resolve_model_dir(path) -> str:
     raise CheckpointError(f"{path}: no config.json; expected a HuggingFace model directory "
                           "(config.json + *.safetensors)")
   return path
+
+
+def _same_file(path, other_fn) -> bool:
+  try:
+    return os.path.samefile(path, other_fn())
+  except (CheckpointError, OSError):
+    return False
 
 
 def load_model(path, *, dtype=jnp.float32, mesh=None, attention_impl: str = "xla"):

@@ -10,6 +10,8 @@ benchmarks use.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import functools
 import json
 import os
@@ -132,20 +134,24 @@ def write_random_hf_checkpoint(cfg: ModelConfig, out_dir: str, dtype: str = "bfl
   """Writes a random-weight HF checkpoint (config.json + safetensors, sharded with an
   index above `max_shard_bytes`), generating and writing one chunk at a time.
 
-  Weights are normal(0, 0.02), norms 1, biases 0; tensor i uses the numpy generator
-  seeded with (seed, i), so the result does not depend on chunking. Returns out_dir.
+  Weights are normal(0, 0.02), norms 1, biases 0; chunk c of tensor i comes from the
+  numpy generator seeded with (seed, i, c), drawn by a thread pool, so the bytes depend
+  only on (cfg, dtype, seed). Returns out_dir.
   """
   if dtype not in _NP_DTYPES:
     raise ValueError(f"dtype {dtype!r}: use one of {', '.join(_NP_DTYPES)}")
   np_dtype = _NP_DTYPES[dtype]
   _, abstract_state = abstract_model(cfg, jnp.float32, None, "xla")
-  specs = []
-  for i, (layout, _) in enumerate(param_layouts(abstract_state)):
-    specs.append(TensorSpec(layout.hf_name, layout.hf_shape, np_dtype,
-                            functools.partial(_random_chunks, layout.hf_shape, layout.kind,
-                                              np_dtype, seed, i)))
   os.makedirs(out_dir, exist_ok=True)
-  write_safetensors(out_dir, specs, max_shard_bytes=max_shard_bytes)
+  # numpy's generators release the GIL, so threads draw chunks in parallel.
+  workers = max(1, min(16, os.cpu_count() or 1))
+  with concurrent.futures.ThreadPoolExecutor(workers) as pool:
+    specs = []
+    for i, (layout, _) in enumerate(param_layouts(abstract_state)):
+      specs.append(TensorSpec(layout.hf_name, layout.hf_shape, np_dtype,
+                              functools.partial(_random_chunks, layout.hf_shape, layout.kind,
+                                                np_dtype, seed, i, pool, 2 * workers)))
+    write_safetensors(out_dir, specs, max_shard_bytes=max_shard_bytes)
   hf = cfg.to_hf_dict()
   hf["torch_dtype"] = dtype
   with open(os.path.join(out_dir, "config.json"), "w") as f:
@@ -153,14 +159,32 @@ def write_random_hf_checkpoint(cfg: ModelConfig, out_dir: str, dtype: str = "bfl
   return out_dir
 
 
-def _random_chunks(shape, kind, np_dtype, seed, index, chunk_elems: int = 1 << 24):
+_CHUNK = 1 << 22  # elements per independently seeded chunk (fixed: part of the output)
+
+
+def _draw_chunk(seed, index, chunk, m, np_dtype):
+  x = np.random.default_rng([seed, index, chunk]).standard_normal(m, dtype=np.float32)
+  x *= INIT_STD
+  return x.astype(np_dtype)
+
+
+def _random_chunks(shape, kind, np_dtype, seed, index, pool=None, window_size=1):
+  """Yields tensor `index` in chunks; chunk c comes from generator (seed, index, c), so
+  the bytes do not depend on how many threads drew them."""
   n = int(np.prod(shape))
   if kind != "weight":
     yield np.full(n, 1.0 if kind == "norm" else 0.0, np_dtype)
     return
-  rng = np.random.default_rng([seed, index])
-  for start in range(0, n, chunk_elems):
-    m = min(chunk_elems, n - start)
-    x = rng.standard_normal(m, dtype=np.float32)
-    x *= INIT_STD
-    yield x.astype(np_dtype)
+  starts = range(0, n, _CHUNK)
+  jobs = ((c, min(_CHUNK, n - s)) for c, s in enumerate(starts))
+  if pool is None:
+    for c, m in jobs:
+      yield _draw_chunk(seed, index, c, m, np_dtype)
+    return
+  window = collections.deque()
+  for c, m in jobs:  # keep a bounded number of chunks in flight, yield them in order
+    window.append(pool.submit(_draw_chunk, seed, index, c, m, np_dtype))
+    if len(window) >= window_size:
+      yield window.popleft().result()
+  while window:
+    yield window.popleft().result()

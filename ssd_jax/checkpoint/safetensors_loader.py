@@ -10,6 +10,7 @@ at once with one line naming the file and the tensor.
 
 from __future__ import annotations
 
+import functools
 import glob
 import json
 import os
@@ -17,6 +18,7 @@ import os
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import NamedSharding, PartitionSpec as P
 from safetensors import safe_open
 
 from ssd_jax.config import ModelConfig
@@ -125,9 +127,31 @@ def _check_unsupported(files: WeightFiles, cfg: ModelConfig, layouts) -> None:
                               "supported: the model has q/k/v biases but no o_proj bias")
 
 
+def _hf_sharding(layout, sharding):
+  """Sharding of the HF-layout tensor that lands each device's block where ours needs it."""
+  if not isinstance(sharding, NamedSharding):
+    return sharding
+  spec = tuple(sharding.spec) + (None,) * (len(layout.shape) - len(sharding.spec))
+  hf_spec = layout.hf_spec(spec)
+  return None if hf_spec is None else NamedSharding(sharding.mesh, P(*hf_spec))
+
+
+@functools.lru_cache(maxsize=None)
+def _to_ours(split: tuple, perm: tuple, dtype, sharding):
+  """On-device HF -> our layout (reshape per head, transpose, cast); no data moves
+  between devices because the input is sharded by `_hf_sharding`."""
+  return jax.jit(lambda x: jnp.transpose(x.reshape(split), perm).astype(dtype),
+                 out_shardings=sharding)
+
+
 def read_model(model_dir: str, cfg: ModelConfig, *, dtype, mesh=None,
-               attention_impl: str = "xla"):
-  """The Transformer for `cfg` with its weights read from the safetensors in `model_dir`."""
+               attention_impl: str = "xla", on_device: bool | None = None):
+  """The Transformer for `cfg` with its weights read from the safetensors in `model_dir`.
+
+  on_device: convert layouts (transpose, cast) on the accelerator rather than with numpy
+  on the host; a single-threaded numpy transpose moves only ~200 MB/s, so an 8B model
+  would take over a minute. None: on device unless the devices are CPUs.
+  """
   graphdef, abstract_state = abstract_model(cfg, dtype, mesh, attention_impl)
   layouts = param_layouts(abstract_state)
   check_mesh(cfg, mesh, layouts)
@@ -136,17 +160,32 @@ def read_model(model_dir: str, cfg: ModelConfig, *, dtype, mesh=None,
     files.check(layout.hf_name, layout.hf_shape)
   _check_unsupported(files, cfg, layouts)
   target = np.dtype(jnp.dtype(dtype))
+  if on_device is None:
+    device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
+    on_device = device.platform != "cpu"
 
   def make(_, layout, var):
     src = files.slice_of(layout.hf_name)
+    sharding = param_sharding(mesh, var, layout.shape)
+    hf_sharding = _hf_sharding(layout, sharding) if on_device else None
+    if hf_sharding is not None:
+      wide = src.get_dtype() == "F64"  # jax without x64 would silently narrow it anyway
+
+      def raw_block(index):
+        arr = src[index]
+        return arr.astype(np.float32) if wide else np.ascontiguousarray(arr)
+
+      raw = jax.make_array_from_callback(layout.hf_shape, hf_sharding, raw_block)
+      if layout.is_identity and raw.dtype == target:
+        return raw
+      return _to_ours(layout.split, layout.perm, target, sharding)(raw)
 
     def block(index):
       hf_sl, post = layout.hf_slices(index)
       arr = layout.read_block(src[hf_sl], index, post)
       return np.ascontiguousarray(arr, dtype=target)
 
-    return jax.make_array_from_callback(layout.shape, param_sharding(mesh, var, layout.shape),
-                                        block)
+    return jax.make_array_from_callback(layout.shape, sharding, block)
 
   try:
     return materialize(graphdef, abstract_state, cfg, make)

@@ -53,7 +53,10 @@ flags.DEFINE_integer("self_gen", 0, "Target greedy generations to add to the tra
                      "(prompts: the file's 'self_gen' set, else built from the corpus).")
 flags.DEFINE_integer("self_gen_tokens", 256, "Max new tokens per self-generated sample.")
 flags.DEFINE_float("self_gen_mix", 0.5, "Fraction of each batch's rows from self-generated data.")
-flags.DEFINE_integer("gen_batch", 64, "Batch size for greedy generation.")
+flags.DEFINE_integer("gen_batch", 64, "Batch size for self-generation.")
+flags.DEFINE_float("self_gen_seconds", 0, "Stop self-generation after this many seconds "
+                   "(0 = generate for every prompt).")
+flags.DEFINE_integer("eval_gen_batch", 64, "Batch size for the evaluation's generation.")
 # optimisation
 flags.DEFINE_integer("batch", 16, "Sequences per step.")
 flags.DEFINE_integer("seq_len", 512, "Tokens per sequence.")
@@ -93,6 +96,7 @@ flags.DEFINE_string("eval_json", "", "Write the metrics here.")
 # tokenize / prompts modes
 flags.DEFINE_string("tokens_out", "", "Token file to write (--mode=tokenize): .u16 or .i32.")
 flags.DEFINE_integer("max_tokens", 10_000_000, "Tokens to write (--mode=tokenize).")
+flags.DEFINE_float("tokenize_seconds", 0, "Stop tokenising after this long (0 = off).")
 flags.DEFINE_enum("split", "train", ["train", "heldout"], "Corpus split (--mode=tokenize).")
 flags.DEFINE_string("prompts_out", "", ".npz to write (--mode=prompts).")
 flags.DEFINE_integer("num_self_gen_prompts", 4096, "Self-generation prompts (--mode=prompts).")
@@ -137,9 +141,38 @@ def load_target():
   return load_model(FLAGS.target or None, dtype=dtype, attention_impl="xla")
 
 
+class _RawTokenizer:
+  """The `tokenizers` library's tokenizer.json behind the few calls the corpus code makes
+  (a fallback where transformers cannot read the tokenizer config)."""
+  is_fast = True
+
+  def __init__(self, model_dir: str):
+    from tokenizers import Tokenizer
+    self.tok = Tokenizer.from_file(os.path.join(model_dir, "tokenizer.json"))
+    with open(os.path.join(model_dir, "config.json")) as f:
+      eos = json.load(f).get("eos_token_id")
+    self.eos_token_id = eos[0] if isinstance(eos, list) else eos
+
+  def encode(self, text, add_special_tokens=False):
+    return self.tok.encode(text, add_special_tokens=add_special_tokens).ids
+
+  def __call__(self, texts, add_special_tokens=False):
+    return {"input_ids": [e.ids for e in self.tok.encode_batch(
+        texts, add_special_tokens=add_special_tokens)]}
+
+
 def load_tok():
-  from ssd_jax.checkpoint import load_tokenizer
-  return load_tokenizer(FLAGS.tokenizer or FLAGS.target or None)
+  from ssd_jax.checkpoint import load_tokenizer, resolve_model_dir
+  path = FLAGS.tokenizer or (FLAGS.target if not FLAGS.target.startswith("random:") else "")
+  try:
+    return load_tokenizer(path or None)
+  except Exception as e:
+    model_dir = resolve_model_dir(path or None)
+    if not os.path.isfile(os.path.join(model_dir, "tokenizer.json")):
+      raise
+    log(f"transformers could not load the tokenizer ({type(e).__name__}: {e}); "
+        "using tokenizer.json directly")
+    return _RawTokenizer(model_dir)
 
 
 def _eos(cfg, tok=None) -> int:
@@ -235,8 +268,12 @@ def self_generated_pool(target, cfg, prompts, ckpt_dir):
     return np.load(cache)
   t0 = time.time()
   eos = _eos(cfg)
-  conts = train.Generator(target).generate(prompts, FLAGS.self_gen_tokens, cfg.eos_token_ids,
-                                           batch_size=FLAGS.gen_batch)
+  conts = train.Generator(target).generate(
+      prompts, FLAGS.self_gen_tokens, cfg.eos_token_ids, batch_size=FLAGS.gen_batch,
+      time_budget_s=FLAGS.self_gen_seconds or None)
+  pairs = [(p, c) for p, c in zip(prompts, conts) if c]
+  prompts = [p for p, _ in pairs]
+  conts = [c for _, c in pairs]
   flat = []
   for p, c in zip(prompts, conts):
     flat.extend(p)
@@ -274,7 +311,7 @@ def evaluate(target, cfg, draft, *, heldout=None, prompt_sets=None, dist=None) -
     prompts = prompts[:FLAGS.eval_prompts]
     rep, _ = train.estimate_acceptance(target, draft, prompts, max_new=FLAGS.eval_max_new,
                                        ks=ks, eos_ids=cfg.eos_token_ids,
-                                       batch_size=FLAGS.gen_batch)
+                                       batch_size=FLAGS.eval_gen_batch)
     rep["seconds"] = round(time.time() - t0, 1)
     out[f"acceptance_{name}"] = rep
     log(f"acceptance on {name} ({rep['prompts']} prompts, {rep['tokens']} target tokens): "
@@ -398,15 +435,15 @@ def mode_tokenize():
   from ssd_jax.distill import corpus
   if not FLAGS.tokens_out:
     raise app.UsageError("--tokens_out is required")
-  from ssd_jax.checkpoint import load_tokenizer
-  tok = load_tokenizer(FLAGS.tokenizer or FLAGS.target or None)
+  tok = load_tok()
   eos = tok.eos_token_id if tok.eos_token_id is not None else 0
   docs = corpus.iter_documents(split=FLAGS.split, heldout_frac=FLAGS.heldout_frac)
   if FLAGS.split == "train":
     docs = corpus.shuffled(docs, FLAGS.shuffle_buffer, FLAGS.seed)
   t0 = time.time()
   n = corpus.write_token_file(FLAGS.tokens_out, corpus.iter_token_docs(tok, docs, eos_id=eos),
-                              FLAGS.max_tokens, log=log)
+                              FLAGS.max_tokens, log=log,
+                              time_budget_s=FLAGS.tokenize_seconds or None)
   log(f"wrote {n:,} {FLAGS.split} tokens to {FLAGS.tokens_out} in {time.time() - t0:.0f}s")
 
 
@@ -422,6 +459,8 @@ def mode_prompts():
 
 
 def main(argv):
+  from absl import logging as absl_logging
+  absl_logging.set_verbosity(absl_logging.WARNING)  # orbax logs every save at INFO
   if len(argv) > 1:
     raise app.UsageError(f"unexpected arguments: {argv[1:]}")
   {"train": mode_train, "eval": mode_eval, "tokenize": mode_tokenize,

@@ -16,10 +16,12 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib.util
+import itertools
 import json
 import os
 import random
 import sysconfig
+import time
 from typing import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
@@ -128,15 +130,27 @@ def shuffled(items: Iterable, buffer_size: int, seed: int) -> Iterator:
 
 
 def iter_token_docs(tokenizer, docs: Iterable[tuple[str, str]], *, eos_id: int | None = None,
-                    bos_id: int | None = None) -> Iterator[list[int]]:
-  """Tokenises documents one at a time (no special tokens inside, EOS between docs)."""
-  for _, text in docs:
-    ids = tokenizer.encode(text, add_special_tokens=False)
-    if bos_id is not None:
-      ids = [bos_id] + ids
-    if eos_id is not None:
-      ids = ids + [eos_id]
-    yield ids
+                    bos_id: int | None = None, batch_docs: int = 32) -> Iterator[list[int]]:
+  """Tokenises documents (no special tokens inside, EOS between docs), in small batches so a
+  fast tokenizer can use its threads; only `batch_docs` documents are held at a time."""
+  def encode(texts):
+    if batch_docs > 1 and getattr(tokenizer, "is_fast", False):
+      return tokenizer(texts, add_special_tokens=False)["input_ids"]
+    return [tokenizer.encode(t, add_special_tokens=False) for t in texts]
+
+  buf = []
+  it = iter(docs)
+  while True:
+    buf = [text for _, text in itertools.islice(it, max(batch_docs, 1))]
+    if not buf:
+      return
+    for ids in encode(buf):
+      ids = list(ids)
+      if bos_id is not None:
+        ids = [bos_id] + ids
+      if eos_id is not None:
+        ids = ids + [eos_id]
+      yield ids
 
 
 def pack(token_docs: Iterable[Sequence[int]], batch: int, seq_len: int) -> Iterator[np.ndarray]:
@@ -228,10 +242,15 @@ def open_token_file(path: str) -> np.ndarray:
 
 
 def write_token_file(path: str, token_docs: Iterable[Sequence[int]], max_tokens: int,
-                     log: Callable[[str], None] | None = None) -> int:
-  """Streams token documents into a flat binary file (.u16 when the vocab fits, else .i32)."""
+                     log: Callable[[str], None] | None = None,
+                     time_budget_s: float | None = None) -> int:
+  """Streams token documents into a flat binary file (.u16 when the vocab fits, else .i32).
+
+  Stops at max_tokens, or when time_budget_s has passed (the file then holds what was
+  written so far)."""
   dtype = token_file_dtype(path)
   n = 0
+  t0 = time.time()
   with open(path + ".tmp", "wb") as f:
     for ids in token_docs:
       ids = ids[:max_tokens - n]
@@ -242,6 +261,10 @@ def write_token_file(path: str, token_docs: Iterable[Sequence[int]], max_tokens:
       if log and n // 1_000_000 != (n - len(ids)) // 1_000_000:
         log(f"tokenised {n:,} tokens")
       if n >= max_tokens:
+        break
+      if time_budget_s is not None and time.time() - t0 > time_budget_s:
+        if log:
+          log(f"tokenising stopped by its time budget at {n:,} tokens")
         break
   os.replace(path + ".tmp", path)
   return n

@@ -399,14 +399,22 @@ class Generator:
         lambda: jax.jit(functools.partial(_generate, fn), static_argnames=("max_new",)))
 
   def generate(self, prompts: Sequence[Sequence[int]], max_new: int,
-               eos_ids: Sequence[int] = (), batch_size: int = 32) -> list[list[int]]:
-    """Greedy continuations (cut after the first EOS, which is kept)."""
+               eos_ids: Sequence[int] = (), batch_size: int = 32,
+               time_budget_s: float | None = None) -> list[list[int]]:
+    """Greedy continuations (cut after the first EOS, which is kept).
+
+    All batches share one padded prompt length (one compilation per call). With a time
+    budget, batches stop once it is spent; prompts not reached get [] (callers drop them).
+    """
     order = sorted(range(len(prompts)), key=lambda i: len(prompts[i]))
     out: list[list[int]] = [[] for _ in prompts]
     eos = set(int(e) for e in eos_ids)
+    lp = _bucket(max(len(p) for p in prompts))
+    t0 = time.time()
     for s in range(0, len(order), batch_size):
+      if time_budget_s is not None and s and time.time() - t0 > time_budget_s:
+        break
       idx = order[s:s + batch_size]
-      lp = _bucket(max(len(prompts[i]) for i in idx))
       toks = np.zeros((batch_size, lp), np.int32)
       lens = np.ones((batch_size,), np.int32)
       for r, i in enumerate(idx):
@@ -437,10 +445,10 @@ def draft_agreement(draft: Transformer, prompts: Sequence[Sequence[int]],
     fwd = _cached_jit(("argmax",) + _fn_key(fn),
                       lambda: jax.jit(functools.partial(_argmax_forward, fn)))
   out = []
+  t = _bucket(max(len(p) + len(c) for p, c in zip(prompts, continuations)))
   for s in range(0, len(prompts), batch_size):
     ps, cs = prompts[s:s + batch_size], continuations[s:s + batch_size]
     full = [list(p) + list(c) for p, c in zip(ps, cs)]
-    t = _bucket(max(len(f) for f in full))
     toks = np.zeros((batch_size, t), np.int32)
     for r, f in enumerate(full):
       toks[r, :len(f)] = f

@@ -48,11 +48,13 @@ class ModelRunner:
     kv_dtype = kv_dtype or model.embed_tokens[...].dtype
     self.kv_dtype = kv_dtype
     kv_sharding = sharding_for(mesh, KV_PAGES_AXES)
-    make = jax.jit(functools.partial(init_kv_cache, self.cfg, num_pages, page_size, kv_dtype),
-                   out_shardings=KVCache(k=[kv_sharding] * self.cfg.num_layers,
-                                         v=[kv_sharding] * self.cfg.num_layers))
-    self.kv: KVCache = make()
+    self.kv_shardings = KVCache(k=[kv_sharding] * self.cfg.num_layers,
+                                v=[kv_sharding] * self.cfg.num_layers)
     self._jitted: list = []
+    # Created by a program like every later KV, so its sharding reads the same to jit.
+    self.kv: KVCache = self.jit(functools.partial(init_kv_cache, self.cfg, num_pages,
+                                                  page_size, kv_dtype))()
+    self._jitted.clear()
     self.prefill_fn = self.jit(self._prefill, donate_argnums=(1,))
 
   # -- placement ----------------------------------------------------------------------
@@ -66,7 +68,15 @@ class ModelRunner:
 
   # -- compiled programs -----------------------------------------------------------------
   def jit(self, fn, **kwargs):
-    jitted = jax.jit(fn, **kwargs)
+    """jax.jit, counted; KV caches a program returns keep the pool's exact sharding, so
+    that feeding them to the next program never looks like a new input (recompile)."""
+    def pinned(*args, **kw):
+      out = fn(*args, **kw)
+      return jax.tree.map(
+          lambda x: jax.lax.with_sharding_constraint(x, self.kv_shardings)
+          if isinstance(x, KVCache) else x, out, is_leaf=lambda x: isinstance(x, KVCache))
+    functools.update_wrapper(pinned, fn)
+    jitted = jax.jit(pinned, **kwargs)
     self._jitted.append(jitted)
     return jitted
 

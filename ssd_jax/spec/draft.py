@@ -24,7 +24,7 @@ def draft_probs(logits, temperature, sampler_x=None, top_f=0, max_f: int = 0):
   `top_f` may be traced (it varies by drafting step); `max_f` is its static upper bound.
   """
   logits = logits.astype(jnp.float32)
-  t = temperature.reshape(temperature.shape + (1,) * (logits.ndim - 1))
+  t = temperature.reshape(temperature.shape + (1,) * (logits.ndim - temperature.ndim))
   q = jax.nn.softmax(logits / jnp.where(t > 0, t, 1.0), axis=-1)
   if sampler_x is not None and max_f > 0:
     top_vals = jax.lax.top_k(logits, max_f)[0]
@@ -42,7 +42,7 @@ def draw(logits, temperature, key, want_q: bool, sampler_x=None, top_f=0, max_f:
   if not want_q:
     return greedy_tok, None
   q = draft_probs(logits, temperature, sampler_x, top_f, max_f)
-  t = temperature.reshape(temperature.shape + (1,) * (logits.ndim - 2))
+  t = temperature.reshape(temperature.shape + (1,) * (logits.ndim - 1 - temperature.ndim))
   return jnp.where(t > 0, sample_from(q, key), greedy_tok), q
 
 
