@@ -44,7 +44,11 @@ class ModelRunner:
     self.graphdef, params = nnx.split(model)
     # Place (or re-place) every parameter by its logical axes; a no-op for a model the
     # loader already built on this mesh.
-    self.params = jax.device_put(params, param_shardings(mesh, params))
+    params = jax.device_put(params, param_shardings(mesh, params))
+    # Programs take the parameters as a flat list: flattening an nnx.State on every
+    # dispatch costs host time on each token; a list of arrays flattens in C++.
+    leaves, self._param_tree = jax.tree.flatten(params)
+    self.params: list[jax.Array] = leaves
     kv_dtype = kv_dtype or model.embed_tokens[...].dtype
     self.kv_dtype = kv_dtype
     kv_sharding = sharding_for(mesh, KV_PAGES_AXES)
@@ -85,7 +89,7 @@ class ModelRunner:
 
   def forward(self, params, kv, tokens, positions, attn, scratch=None, logits_at=None):
     """Pure model call, for use inside the decoders' jitted programs."""
-    model = nnx.merge(self.graphdef, params)
+    model = nnx.merge(self.graphdef, jax.tree.unflatten(self._param_tree, params))
     with kernels.on_mesh(self.mesh):
       return model(tokens, positions, kv, attn, scratch=scratch, logits_at=logits_at)
 
