@@ -92,7 +92,7 @@ class TensorLayout:
       axis += n
     return tuple(hf_sl), tuple(post)
 
-  def read_block(self, hf_block: np.ndarray, index: tuple, post: tuple) -> np.ndarray:
+  def read_block(self, hf_block: np.ndarray, post: tuple) -> np.ndarray:
     """HF block (read with `hf_slices`) -> our block for `index`."""
     # Reshape the HF block to the split layout; the first axis of each group is partial.
     shape, axis = [], 0

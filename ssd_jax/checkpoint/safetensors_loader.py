@@ -182,7 +182,7 @@ def read_model(model_dir: str, cfg: ModelConfig, *, dtype, mesh=None,
 
     def block(index):
       hf_sl, post = layout.hf_slices(index)
-      arr = layout.read_block(src[hf_sl], index, post)
+      arr = layout.read_block(src[hf_sl], post)
       return np.ascontiguousarray(arr, dtype=target)
 
     return jax.make_array_from_callback(layout.shape, sharding, block)
