@@ -56,3 +56,13 @@ def test_double_free_is_an_error():
   bm.free(pages)
   with pytest.raises(RuntimeError, match="freed twice"):
     bm.free(pages)
+
+
+def test_drop_cached_forgets_prefixes():
+  bm = BlockManager(num_pages=8, page_size=4)
+  a, _ = bm.allocate(list(range(9)), total_tokens=9)
+  bm.free(a)
+  bm.drop_cached()
+  assert bm.num_free == 8
+  _, cached = bm.allocate(list(range(9)), total_tokens=9)
+  assert cached == 0

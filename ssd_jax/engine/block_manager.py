@@ -105,6 +105,13 @@ class BlockManager:
         else:
           self.free_pages.append(page)
 
+  def drop_cached(self) -> None:
+    """Forget every cached prefix; pages in use keep their data but are not shared."""
+    self.free_pages.extend(self.evictable)
+    self.evictable.clear()
+    self.cached.clear()
+    self.page_hash.clear()
+
   def _take(self, page: int) -> None:
     if self.refcount[page] == 0:
       self.evictable.pop(page, None)

@@ -7,6 +7,7 @@ runners, and outputs come back as `RequestOutput`s with per-request metrics.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import sys
@@ -141,8 +142,12 @@ class LLM:
     model, cfg = checkpoint.load_model(source, dtype=self.dtype, mesh=mesh,
                                        attention_impl=impl)
     check_model_fits(cfg, mesh, role)
-    if tokenizer is None:
-      tokenizer = checkpoint.load_tokenizer(source)
+    if tokenizer is None and role == "target":
+      try:
+        tokenizer = checkpoint.load_tokenizer(source)
+      except checkpoint.CheckpointError as e:
+        # Random-weight timing checkpoints have no tokenizer: token-id prompts still work.
+        log.warning("no tokenizer (%s); only token-id prompts can be generated", e)
     return model, tokenizer
 
   def _decode_text(self, ids) -> str:
@@ -198,6 +203,7 @@ class LLM:
     compiles0 = self.decoder.num_compilations()
     totals = {"rounds": 0, "decode_s": 0.0, "prefill_s": 0.0, "waves": 0}
     self.decoder.round_times = []
+    self.decoder.phase_times = collections.defaultdict(list)
     done_before = 0
     t0 = time.perf_counter()
     while (wave := self.scheduler.next_wave()) is not None:
@@ -263,6 +269,10 @@ class LLM:
     return RequestOutput(prompt=s.prompt, prompt_token_ids=s.prompt_token_ids,
                          token_ids=list(ids), text=text, finish_reason=s.finish_reason,
                          metrics=m)
+
+  def reset_prefix_cache(self) -> None:
+    """Forget cached prompt pages (e.g. between benchmark runs of the same prompts)."""
+    self.blocks.drop_cached()
 
   def warmup(self, batch_size: int = 1, prompt_len: int = 16, max_new_tokens: int = 8) -> float:
     """Compile the programs for these shapes (a throwaway generate); returns seconds."""

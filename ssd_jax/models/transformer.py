@@ -108,6 +108,7 @@ class Attention(nnx.Module):
       self.q_bias = nnx.Param(jnp.zeros((h, d), dtype), axes=("heads", "head_dim"))
       self.k_bias = nnx.Param(jnp.zeros((kv, d), dtype), axes=("kv_heads", "head_dim"))
       self.v_bias = nnx.Param(jnp.zeros((kv, d), dtype), axes=("kv_heads", "head_dim"))
+      self.o_bias = nnx.Param(jnp.zeros((e,), dtype), axes=("embed",))
     if cfg.qk_norm:
       self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, axes=("head_dim",))
       self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, axes=("head_dim",))
@@ -143,6 +144,8 @@ class Attention(nnx.Module):
       out = kernels.merge_attention(out, lse, out2, lse2)
       scratch_kv = (sk, sv)
     y = jnp.einsum("bshd,hde->bse", out, self.o_proj[...])
+    if cfg.attention_bias:
+      y = y + self.o_bias[...]
     return y, k_pages, v_pages, scratch_kv
 
 
