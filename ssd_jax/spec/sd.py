@@ -7,7 +7,9 @@ loop) and `verify` on the target's mesh. Their inputs move between meshes with
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import time
 
 import jax
 import jax.numpy as jnp
@@ -76,7 +78,7 @@ class SDDecoder(Decoder):
                               static_argnames=("want_q",))
     self._verify = target.jit(self._verify_fn, donate_argnums=(1,),
                               static_argnames=("greedy",))
-    self.profile = False
+    self.phase_times = collections.defaultdict(list)
 
   def num_compilations(self) -> int:
     return self.target.num_compilations() + self.draft.num_compilations()
@@ -103,14 +105,22 @@ class SDDecoder(Decoder):
                        greedy=self.greedy)
 
   def round(self, state: DecodeState):
+    t0 = time.perf_counter()
     token, prev, pos, done = self.draft.put((state.token, self.prev, state.pos, state.done))
     self.draft.kv, drafted, q, self.draft_key = self._propose(
         self.draft.params, self.draft.kv, token, prev, pos, done, self.draft_page_table,
         self.draft_temp, self.draft_key, want_q=not self.greedy)
+    if self.profile:  # split the round: drafting, then transfer + verification
+      jax.block_until_ready(drafted)
+      t1 = time.perf_counter()
     drafted_t, q_t = self.target.put((drafted, q))
     self.target.kv, state, self.prev, emitted, count, accepted = self._verify(
         self.target.params, self.target.kv, state, self.prev, drafted_t, q_t, self.consts,
         greedy=self.greedy)
+    if self.profile:
+      jax.block_until_ready(state)
+      self.phase_times["propose"].append(t1 - t0)
+      self.phase_times["verify"].append(time.perf_counter() - t1)
     return state, emitted, count, {"accepted": accepted}
 
   def _propose_fn(self, params, kv, token, prev, pos, done, page_table, temperature, key,

@@ -1,0 +1,151 @@
+"""Round timings of AR, SD and SSD at real model sizes (random weights), on GPUs.
+
+Answers the SSD question directly: with the target on its devices and the draft on
+others, is an SSD round on a cache hit as fast as the target's verification alone (the
+drafting fully hidden)? Random weights cannot produce real acceptances, so the timing
+runs use two controlled regimes, stated in the output:
+
+  * predictable: the final RMSNorm weights of target and draft are zeroed, so every logit
+    is 0 and both models always pick token 0: every draft token is accepted and every
+    SSD lookup hits. All layers still run at full size (the weights are inputs).
+  * unpredictable: only the target's norm is zeroed; the random draft then misses.
+
+  python launch/ssd_timing.py --target llama-3.1-8b --draft llama-3.2-1b --draft_devices 1
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+from absl import app, flags
+
+flags.DEFINE_string("target", "llama-3.1-8b", "REAL_SHAPES name of the target.")
+flags.DEFINE_string("draft", "llama-3.2-1b", "REAL_SHAPES name of the draft.")
+flags.DEFINE_integer("target_layers", 0, "Override the target's layer count (0: real).")
+flags.DEFINE_string("mesh", "1x1", "Target mesh TxD.")
+flags.DEFINE_integer("draft_devices", 1, "Devices for the draft's own mesh.")
+flags.DEFINE_string("dtype", "bfloat16", "Weights and compute dtype.")
+flags.DEFINE_integer("k", 7, "Draft tokens per round.")
+flags.DEFINE_integer("f", 3, "SSD fan-out per acceptance length.")
+flags.DEFINE_integer("batch", 1, "Sequences per batch.")
+flags.DEFINE_integer("prompt_len", 128, "Prompt tokens.")
+flags.DEFINE_integer("new_tokens", 128, "Generated tokens per sequence.")
+flags.DEFINE_string("attention", "auto", "auto | xla | pallas.")
+flags.DEFINE_list("runs", "ar,sd,ssd_hit,ssd_miss_jit,ssd_miss_fast", "What to time.")
+flags.DEFINE_string("output_json", None, "Write the results here.")
+FLAGS = flags.FLAGS
+
+
+def _build(name, role, seed, layers=0):
+  """A random-weight model of a real shape on its mesh (target mesh or draft mesh)."""
+  import dataclasses
+  import jax.numpy as jnp
+  from ssd_jax.checkpoint import REAL_SHAPES, random_model
+  from ssd_jax.kernels import resolve_impl
+  from ssd_jax.sharding import MeshSpec, make_meshes
+  cfg = REAL_SHAPES[name]
+  if layers:
+    cfg = dataclasses.replace(cfg, num_layers=layers)
+  tmesh, dmesh = make_meshes(MeshSpec.parse(FLAGS.mesh), FLAGS.draft_devices)
+  mesh = tmesh if role == "target" else (dmesh or tmesh)
+  return random_model(cfg, dtype=jnp.dtype(FLAGS.dtype), mesh=mesh, seed=seed,
+                      attention_impl=resolve_impl(FLAGS.attention))
+
+
+def _zero_norm(model):
+  model.norm.weight[...] = model.norm.weight[...] * 0
+
+
+def main(argv):
+  del argv
+  import jax
+  import numpy as np
+  from ssd_jax import LLM, SamplingParams
+  t_start = time.perf_counter()
+  target = _build(FLAGS.target, "target", 0, FLAGS.target_layers)
+  draft = _build(FLAGS.draft, "draft", 1)
+  tcfg, dcfg = target.cfg, draft.cfg
+  _zero_norm(target)
+  print(f"devices: {jax.devices()}  jax {jax.__version__}", flush=True)
+  print(f"target {FLAGS.target} ({tcfg.num_layers} layers, {tcfg.num_params / 1e9:.2f}B "
+        f"params), draft {FLAGS.draft} ({dcfg.num_params / 1e9:.2f}B), built in "
+        f"{time.perf_counter() - t_start:.1f}s", flush=True)
+  rng = np.random.default_rng(0)
+  prompts = [rng.integers(1, tcfg.vocab_size, FLAGS.prompt_len).tolist()
+             for _ in range(FLAGS.batch)]
+  params = SamplingParams(max_new_tokens=FLAGS.new_tokens, ignore_eos=True)
+  common = dict(mesh=FLAGS.mesh, max_batch_size=FLAGS.batch, dtype=FLAGS.dtype,
+                max_model_len=FLAGS.prompt_len + FLAGS.new_tokens + 64,
+                attention_impl=FLAGS.attention)
+  results = {"target": FLAGS.target, "draft": FLAGS.draft, "k": FLAGS.k, "f": FLAGS.f,
+             "batch": FLAGS.batch, "prompt_len": FLAGS.prompt_len,
+             "new_tokens": FLAGS.new_tokens, "jax": jax.__version__,
+             "devices": [str(d) for d in jax.devices()], "runs": {},
+             "note": "random weights: 'hit' runs zero both final norms (always accept/hit); "
+                     "'miss' runs zero only the target's (the draft misses)"}
+  ar_tokens = None
+
+  def timed(name, llm, profile_too=True):
+    nonlocal ar_tokens
+    t0 = time.perf_counter()
+    llm.generate(prompts, params)          # warm-up: compiles every program
+    warm = time.perf_counter() - t0
+    outs = llm.generate(prompts, params)
+    m = dict(llm.last_metrics)
+    toks = [o.token_ids for o in outs]
+    if name == "ar":
+      ar_tokens = toks
+    elif ar_tokens is not None and toks != ar_tokens:
+      print(f"!!! {name}: output differs from AR", flush=True)
+      m["mismatch_vs_ar"] = True
+    m["warmup_s"] = warm
+    if profile_too and llm.method != "ar":
+      llm.decoder.profile = True
+      llm.generate(prompts, params)
+      m.update({f"profile_{k}": v for k, v in llm.last_metrics.items() if k.endswith("_ms")})
+      llm.decoder.profile = False
+    results["runs"][name] = m
+    line = (f"{name:14s} {m['decode_tokens_per_s']:8.1f} tok/s  round {m['round_ms']:7.3f} ms"
+            f"  rounds {m['num_rounds']:4d}  compiles-after-warmup {m['compilations']}")
+    if m.get("mean_accepted") is not None:
+      line += f"  accepted {m['mean_accepted']:.2f}"
+    if m.get("cache_hit_rate") is not None:
+      line += f"  hits {m['cache_hit_rate']:.2f}"
+    extra = {k: round(v, 3) for k, v in m.items() if k.startswith("profile_")}
+    print(line, extra, flush=True)
+    return m
+
+  draft_devices = FLAGS.draft_devices
+  if "ar" in FLAGS.runs:
+    timed("ar", LLM(target, method="ar", **common))
+  if "sd" in FLAGS.runs:
+    _zero_norm(draft)  # predictable: every draft token accepted
+    timed("sd", LLM(target, draft, method="sd", k=FLAGS.k, draft_devices=draft_devices,
+                    **common))
+  if "ssd_hit" in FLAGS.runs:
+    _zero_norm(draft)
+    timed("ssd_hit", LLM(target, draft, method="ssd", k=FLAGS.k, f=FLAGS.f,
+                         fallback="jit", draft_devices=draft_devices, **common))
+  for fb in ("jit", "fast"):
+    if f"ssd_miss_{fb}" in FLAGS.runs:
+      fresh_draft = _build(FLAGS.draft, "draft", 2)  # random norm: it mispredicts
+      timed(f"ssd_miss_{fb}", LLM(target, fresh_draft, method="ssd", k=FLAGS.k, f=FLAGS.f,
+                                  fallback=fb, draft_devices=draft_devices, **common))
+  runs = results["runs"]
+  if "sd" in runs and "ssd_hit" in runs:
+    verify = runs["sd"].get("profile_verify_ms")
+    hit = runs["ssd_hit"].get("profile_hit_round_ms")
+    if verify and hit:
+      results["ssd_hit_round_over_verify"] = hit / verify
+      print(f"SSD hit round {hit:.3f} ms vs verify alone {verify:.3f} ms: "
+            f"{hit / verify:.3f}x", flush=True)
+  results["total_s"] = time.perf_counter() - t_start
+  if FLAGS.output_json:
+    with open(FLAGS.output_json, "w") as f:
+      json.dump(results, f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)
