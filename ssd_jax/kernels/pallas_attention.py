@@ -10,18 +10,22 @@ How the work is cut:
 * Rows. For one sequence and one KV head, the `group = Hq // Hkv` query heads of that KV
   head times the Q queries form the rows of one tile (row r = query r // group, head
   r % group), so every KV page is read once for the whole group and all queries of the
-  step. Rows are padded to a power of two >= 16 (Triton's matmul minimum); more rows than
-  `block_rows` (long prefill chunks, big trees) are cut into several row tiles.
+  step. The kernel gathers its rows straight from q [B, Q, Hq, D] and stores its results
+  straight into the [B, Q, Hq, D] / [B, Q, Hq] outputs: no transposes or padding copies
+  around it. Tiles have a power-of-two number of rows >= 16 (Triton's matmul minimum);
+  missing rows repeat the last real row. More rows than `block_rows` (long prefill chunks,
+  big trees) are cut into several row tiles.
 * Columns. A program walks the pages of its sequence with a `fori_loop` whose trip count
   comes from the largest kv_limit of its tile: short sequences stop early, whatever the
-  page table's width. Each step reads `block_k` tokens (one or more pages, gathered by page
-  id), and the per-row limit is applied in registers; no [queries x context] mask exists in
-  memory. Softmax is online, in float32.
-* Splits. With few (sequence, head, row-tile) programs, e.g. decode at batch 1, the GPU
-  would idle, so the page range of each program is also cut into `num_splits` parts (cut
-  at run time from the actual length, so every split gets an equal share of the pages
-  really visible) whose partial results are merged afterwards with their log-sum-exp
-  (flash decoding).
+  page table's width. Each step reads `block_k` tokens (several pages gathered by id, one
+  page, or part of one), and the per-row limit is applied in registers, only in the steps
+  that some row cannot fully see; no [queries x context] mask exists in memory. Softmax
+  is online, in float32.
+* Splits. With few (sequence, head, row-tile) programs, e.g. decode at small batch, the
+  GPU would idle, so the page range of each program is also cut into `num_splits` parts
+  (cut at run time from the actual length, so every split gets an equal share of the
+  pages really visible) whose partial results are merged afterwards with their
+  log-sum-exp (flash decoding). The merge is the only XLA work around the kernel.
 
 Positions that a row may not see never reach the result: their scores are replaced before
 the softmax and their V rows are zeroed before the second matmul, so garbage or NaN in
@@ -78,9 +82,13 @@ def _compiler_params(num_warps: int, num_stages: int):
 
 
 def default_config(*, rows: int, page_size: int, head_dim: int, dtype) -> dict:
-  """Launch parameters for a tile of `rows` rows (already a power of two >= 16)."""
+  """Launch parameters for a tile of `rows` rows (already a power of two >= 16).
+
+  Measured on an H100 (bench/KERNELS.md): 64-token steps beat 128 and 256 for decode, and
+  small tiles run best with 4 warps and 3 stages (two programs fit on an SM).
+  """
   itemsize = jnp.dtype(dtype).itemsize
-  block_k = 128 if rows <= 64 and itemsize == 2 and head_dim <= 128 else 64
+  block_k = 64 if itemsize <= 2 or head_dim <= 64 else 32
   num_warps = 4 if rows <= 32 else 8
   stage_bytes = 2 * block_k * head_dim * itemsize  # one K and one V block
   num_stages = 3 if 3 * stage_bytes <= 160 * 1024 else 2
@@ -90,12 +98,13 @@ def default_config(*, rows: int, page_size: int, head_dim: int, dtype) -> dict:
 # Cap on the KV splits of one program: the merge reads every split's partial result, and
 # the split count is fixed at trace time from the page table's width, which can be far
 # larger than the lengths actually present.
-MAX_SPLITS = 16
+MAX_SPLITS = 32
+PROGRAMS_PER_SM = 2
 
 
 def choose_splits(programs: int, max_splits: int, slots: int) -> int:
   """KV splits per program so that `programs * splits` fills `slots` concurrent programs
-  (about one per SM) in whole waves."""
+  in whole waves (a few waves' worth of programs need no splitting)."""
   if programs >= 4 * slots or max_splits <= 1:
     return 1
   for splits in range(1, max_splits + 1):
@@ -111,22 +120,33 @@ _LN2 = math.log(2.0)
 
 
 def _kernel(q_ref, lim_ref, pt_ref, k_ref, v_ref, o_ref, lse_ref, *, page_size: int,
-            block_k: int, num_pages: int, num_splits: int, scale: float, precision):
+            block_k: int, group: int, tile: int, rows: int, num_heads: int,
+            num_splits: int, scale: float, precision):
   """One (sequence, kv head, row tile, split) program.
 
-  q_ref [R, D]; lim_ref [R] int32 per-row limit (clipped to the table's capacity; padding
-  rows repeat a real row's); pt_ref [P_pad] page ids of the sequence; k_ref/v_ref
-  [num_pages, page_size, D] (this KV head's slice of the pool); o_ref [R, D] (normalised
-  by this split's softmax sum); lse_ref [R].
+  q_ref [Q*Hq, D]: the sequence's queries, row qi*Hq + head (the caller's layout);
+  lim_ref [Q] int32; pt_ref [P] page ids; k_ref/v_ref [num_pages, page_size, D] (this KV
+  head's slice of the pool); o_ref [Q*Hq, D] and lse_ref [Q*Hq]: this split's result
+  (normalised by its own softmax sum), in the caller's layout.
 
-  The inner loop walks blocks of `block_k` tokens: several whole pages gathered by id when
-  block_k > page_size, one page, or a slice of one page when block_k < page_size.
+  Tile row r is query (t*tile + r) // group, head h*group + (t*tile + r) % group; rows
+  past the last real one repeat it (same query, same limit, hence the same result, so
+  their duplicate stores write identical values). The inner loop walks blocks of
+  `block_k` tokens: several whole pages gathered by id when block_k > page_size, one page,
+  or a slice of one page when block_k < page_size.
   """
-  rows, head_dim = q_ref.shape
+  num_pages, _, head_dim = k_ref.shape
+  max_pages = pt_ref.shape[0]
   pages_per_block = max(1, block_k // page_size)
   blocks_per_page = max(1, page_size // block_k)
-  q = q_ref[...]
-  lim = lim_ref[...]
+  h = pl.program_id(1)
+  row = pl.program_id(2) * tile + jnp.arange(tile, dtype=jnp.int32)
+  row = jnp.minimum(row, rows - 1)
+  qi = lax.div(row, group)
+  flat = qi * num_heads + h * group + lax.rem(row, group)  # [tile] rows of q / out
+  q = q_ref[flat]
+  # Positions past the page table's capacity do not exist (as in the reference).
+  lim = jnp.clip(lim_ref[qi], 0, max_pages * page_size)
   max_lim = jnp.max(lim)
   min_lim = jnp.min(lim)
   n_blocks = lax.div(max_lim + (block_k - 1), block_k)
@@ -147,8 +167,9 @@ def _kernel(q_ref, lim_ref, pt_ref, k_ref, v_ref, o_ref, lse_ref, *, page_size: 
 
   def load_block(j):
     if pages_per_block > 1:
-      pages = jnp.clip(pt_ref[pl.ds(j * pages_per_block, pages_per_block)], 0,
-                       num_pages - 1)
+      idx = jnp.minimum(j * pages_per_block + jnp.arange(pages_per_block, dtype=jnp.int32),
+                        max_pages - 1)
+      pages = jnp.clip(pt_ref[idx], 0, num_pages - 1)
       return (k_ref[pages].reshape(block_k, head_dim),
               v_ref[pages].reshape(block_k, head_dim))
     if blocks_per_page == 1:
@@ -182,16 +203,16 @@ def _kernel(q_ref, lim_ref, pt_ref, k_ref, v_ref, o_ref, lse_ref, *, page_size: 
       return acc * alpha[:, None] + pv, m_new, l_new
     return body
 
-  carry = (jnp.zeros((rows, head_dim), jnp.float32),
-           jnp.full((rows,), NEG_INF, jnp.float32),
-           jnp.zeros((rows,), jnp.float32))
+  carry = (jnp.zeros((tile, head_dim), jnp.float32),
+           jnp.full((tile,), NEG_INF, jnp.float32),
+           jnp.zeros((tile,), jnp.float32))
   carry = lax.fori_loop(start, mid, make_body(False), carry)
   acc, m, l = lax.fori_loop(mid, end, make_body(True), carry)
   seen = l > 0.0
   l_safe = jnp.where(seen, l, 1.0)
   out = jnp.where(seen[:, None], acc / l_safe[:, None], 0.0)
-  o_ref[...] = out.astype(o_ref.dtype)
-  lse_ref[...] = jnp.where(seen, (m + jnp.log2(l_safe)) * _LN2, NEG_INF)
+  o_ref[flat] = out.astype(o_ref.dtype)
+  lse_ref[flat] = jnp.where(seen, (m + jnp.log2(l_safe)) * _LN2, NEG_INF)
 
 
 def _merge_splits(o, lse):
@@ -214,9 +235,12 @@ def paged_attention(q, k_pages, v_pages, page_table, kv_limit, *, scale, interpr
   """Pallas version of `reference.paged_attention` (see it for the contract).
 
   Tuning arguments (None picks defaults): block_rows, the most rows (query heads of a
-  group x queries) per tile; block_k, tokens per inner-loop step (a multiple of the page
-  size, or the page size); num_splits, how many parts each program's page range is cut
+  group x queries) per tile; block_k, tokens per inner-loop step (the page size times or
+  divided by a power of two); num_splits, how many parts each program's page range is cut
   into (None: enough to fill the GPU); num_warps / num_stages for Triton.
+
+  Any Q, group size and page-table width work; on GPU, head_dim and page_size must be
+  powers of two (other shapes fall back to the XLA reference).
   """
   b, nq, hq, d = q.shape
   num_pages, page_size, hkv, d_k = k_pages.shape
@@ -225,7 +249,7 @@ def paged_attention(q, k_pages, v_pages, page_table, kv_limit, *, scale, interpr
                      "disagree on head_dim or pool shape")
   if hq % hkv:
     raise ValueError(f"{hq} query heads are not a multiple of {hkv} KV heads")
-  if page_table.shape[0] != b or kv_limit.shape != (b, nq):
+  if page_table.ndim != 2 or page_table.shape[0] != b or kv_limit.shape != (b, nq):
     raise ValueError(f"page_table {page_table.shape} / kv_limit {kv_limit.shape} do not "
                      f"match q {q.shape}")
   if interpret is None:
@@ -238,11 +262,9 @@ def paged_attention(q, k_pages, v_pages, page_table, kv_limit, *, scale, interpr
   group = hq // hkv
   max_pages = page_table.shape[1]
   rows = nq * group
-  block_rows = block_rows or 64
-  block_rows = max(16, _next_pow2(block_rows))
+  block_rows = max(16, _next_pow2(block_rows or 128))
   tile = max(16, min(_next_pow2(rows), block_rows))
   n_tiles = pl.cdiv(rows, tile)
-  rows_pad = n_tiles * tile
 
   cfg = default_config(rows=tile, page_size=page_size, head_dim=d, dtype=q.dtype)
   if block_k is None:
@@ -253,8 +275,6 @@ def paged_attention(q, k_pages, v_pages, page_table, kv_limit, *, scale, interpr
                      "a power of two")
   num_warps = num_warps or cfg["num_warps"]
   num_stages = num_stages or cfg["num_stages"]
-  pages_per_block = max(1, block_k // page_size)
-  pt_width = pl.cdiv(max_pages, pages_per_block) * pages_per_block
   n_blocks_max = pl.cdiv(max_pages * page_size, block_k)
   if num_splits is None:
     if interpret:
@@ -262,68 +282,51 @@ def paged_attention(q, k_pages, v_pages, page_table, kv_limit, *, scale, interpr
     else:
       # at least two inner steps per split
       num_splits = choose_splits(b * hkv * n_tiles, min(MAX_SPLITS, n_blocks_max // 2),
-                                 _num_sms())
+                                 PROGRAMS_PER_SM * _num_sms())
   num_splits = max(1, min(int(num_splits), n_blocks_max))
-
-  # Rows: [B, Q, Hkv, G, D] -> [B, Hkv, Q*G, D], padded to whole tiles.
-  qr = q.reshape(b, nq, hkv, group, d).transpose(0, 2, 1, 3, 4).reshape(b, hkv, rows, d)
-  # Positions past the page table's capacity do not exist (as in the reference).
-  lim = jnp.clip(kv_limit.astype(jnp.int32), 0, max_pages * page_size)
-  lim = jnp.repeat(lim, group, axis=1)  # row r -> query r // group
-  if rows_pad != rows:
-    qr = jnp.pad(qr, ((0, 0), (0, 0), (0, rows_pad - rows), (0, 0)))
-    # Padding rows copy the last real row's limit so that they do not lower the tile's
-    # minimum (which decides where masking starts); their output is dropped.
-    lim = jnp.pad(lim, ((0, 0), (0, rows_pad - rows)), mode="edge")
-  pt = page_table.astype(jnp.int32)
-  if pt_width != max_pages:
-    pt = jnp.pad(pt, ((0, 0), (0, pt_width - max_pages)))
 
   precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
   out_dtype = jnp.float32 if num_splits > 1 else q.dtype
   kernel = functools.partial(
-      _kernel, page_size=page_size, block_k=block_k, num_pages=num_pages,
-      num_splits=num_splits, scale=float(scale), precision=precision)
-  grid = (b, hkv, n_tiles, num_splits)
+      _kernel, page_size=page_size, block_k=block_k, group=group, tile=tile, rows=rows,
+      num_heads=hq, num_splits=num_splits, scale=float(scale), precision=precision)
   kwargs = {}
   if not interpret:
     kwargs["compiler_params"] = _compiler_params(num_warps, num_stages)
   o, lse = pl.pallas_call(
       kernel,
-      grid=grid,
+      grid=(b, hkv, n_tiles, num_splits),
       in_specs=[
-          pl.BlockSpec((None, None, tile, d), lambda i, h, t, s: (i, h, t, 0)),
-          pl.BlockSpec((None, tile), lambda i, h, t, s: (i, t)),
-          pl.BlockSpec((None, pt_width), lambda i, h, t, s: (i, 0)),
+          pl.BlockSpec((None, nq * hq, d), lambda i, h, t, s: (i, 0, 0)),
+          pl.BlockSpec((None, nq), lambda i, h, t, s: (i, 0)),
+          pl.BlockSpec((None, max_pages), lambda i, h, t, s: (i, 0)),
           pl.BlockSpec((num_pages, page_size, None, d), lambda i, h, t, s: (0, 0, h, 0)),
           pl.BlockSpec((num_pages, page_size, None, d), lambda i, h, t, s: (0, 0, h, 0)),
       ],
       out_specs=[
-          pl.BlockSpec((None, None, None, tile, d), lambda i, h, t, s: (s, i, h, t, 0)),
-          pl.BlockSpec((None, None, None, tile), lambda i, h, t, s: (s, i, h, t)),
+          pl.BlockSpec((None, None, nq * hq, d), lambda i, h, t, s: (s, i, 0, 0)),
+          pl.BlockSpec((None, None, nq * hq), lambda i, h, t, s: (s, i, 0)),
       ],
       out_shape=[
-          jax.ShapeDtypeStruct((num_splits, b, hkv, rows_pad, d), out_dtype),
-          jax.ShapeDtypeStruct((num_splits, b, hkv, rows_pad), jnp.float32),
+          jax.ShapeDtypeStruct((num_splits, b, nq * hq, d), out_dtype),
+          jax.ShapeDtypeStruct((num_splits, b, nq * hq), jnp.float32),
       ],
       interpret=interpret,
       name=f"paged_attention_r{tile}_k{block_k}_s{num_splits}",
       **kwargs,
-  )(qr, lim, pt, k_pages, v_pages)
-  o, lse = o[..., :rows, :], lse[..., :rows]
+  )(q.reshape(b, nq * hq, d), kv_limit.astype(jnp.int32), page_table.astype(jnp.int32),
+    k_pages, v_pages)
   if num_splits > 1:
     o, lse = _merge_splits(o, lse)
   else:
     o, lse = o[0], lse[0]
-  o = o.reshape(b, hkv, nq, group, d).transpose(0, 2, 1, 3, 4)
-  lse = lse.reshape(b, hkv, nq, group).transpose(0, 2, 1, 3)
   return o.reshape(b, nq, hq, d).astype(q.dtype), lse.reshape(b, nq, hq)
 
 
 def _shard_map(f, mesh, in_specs, out_specs):
   sm = getattr(jax, "shard_map", None)
   if sm is None:
-    from jax.experimental.shard_map import shard_map as sm  # pylint: disable=import-outside-toplevel
+    from jax.experimental.shard_map import shard_map as sm  # pylint: disable=g-import-not-at-top
   params = inspect.signature(sm).parameters
   kwargs = dict(mesh=mesh, in_specs=in_specs, out_specs=out_specs)
   if "check_vma" in params:
