@@ -34,7 +34,9 @@ flags.DEFINE_integer("prompt_len", 128, "Prompt tokens.")
 flags.DEFINE_integer("new_tokens", 128, "Generated tokens per sequence.")
 flags.DEFINE_string("attention", "auto", "auto | xla | pallas.")
 flags.DEFINE_list("runs", "ar,sd,ssd_hit,ssd_miss_jit,ssd_miss_fast", "What to time.")
-flags.DEFINE_string("output_json", None, "Write the results here.")
+flags.DEFINE_string("output_json", None, "Write the results here (after every run).")
+flags.DEFINE_string("compilation_cache", "/tmp/ssd_jax_xla_cache", "Persistent XLA cache: "
+                    "runs that share programs (same shapes) compile them once.")
 FLAGS = flags.FLAGS
 
 
@@ -63,6 +65,9 @@ def main(argv):
   import jax
   import numpy as np
   from ssd_jax import LLM, SamplingParams
+  if FLAGS.compilation_cache:
+    jax.config.update("jax_compilation_cache_dir", FLAGS.compilation_cache)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.0)
   t_start = time.perf_counter()
   target = _build(FLAGS.target, "target", 0, FLAGS.target_layers)
   draft = _build(FLAGS.draft, "draft", 1)
@@ -87,7 +92,25 @@ def main(argv):
                      "'miss' runs zero only the target's (the draft misses)"}
   ar_tokens = None
 
-  def timed(name, llm, profile_too=True):
+  def save():
+    results["total_s"] = time.perf_counter() - t_start
+    if FLAGS.output_json:
+      with open(FLAGS.output_json, "w") as f:
+        json.dump(results, f, indent=1)
+
+  def timed(name, make):
+    """Build, warm up, time (and time again in profile mode); a failure is reported and
+    the next run goes on."""
+    try:
+      m = _timed(name, make())
+    except Exception as e:  # noqa: BLE001 - a benchmark reports and continues
+      print(f"!!! {name} failed: {type(e).__name__}: {e}", flush=True)
+      results["runs"][name] = {"error": f"{type(e).__name__}: {e}"}
+      m = None
+    save()
+    return m
+
+  def _timed(name, llm, profile_too=True):
     nonlocal ar_tokens
     t0 = time.perf_counter()
     llm.generate(prompts, params)          # warm-up: compiles every program
@@ -119,20 +142,22 @@ def main(argv):
 
   draft_devices = FLAGS.draft_devices
   if "ar" in FLAGS.runs:
-    timed("ar", LLM(target, method="ar", **common))
+    timed("ar", lambda: LLM(target, method="ar", **common))
   if "sd" in FLAGS.runs:
     _zero_norm(draft)  # predictable: every draft token accepted
-    timed("sd", LLM(target, draft, method="sd", k=FLAGS.k, draft_devices=draft_devices,
-                    **common))
+    timed("sd", lambda: LLM(target, draft, method="sd", k=FLAGS.k,
+                            draft_devices=draft_devices, **common))
   if "ssd_hit" in FLAGS.runs:
     _zero_norm(draft)
-    timed("ssd_hit", LLM(target, draft, method="ssd", k=FLAGS.k, f=FLAGS.f,
-                         fallback="jit", draft_devices=draft_devices, **common))
+    timed("ssd_hit", lambda: LLM(target, draft, method="ssd", k=FLAGS.k, f=FLAGS.f,
+                                 fallback="jit", draft_devices=draft_devices, **common))
   for fb in ("jit", "fast"):
     if f"ssd_miss_{fb}" in FLAGS.runs:
       fresh_draft = _build(FLAGS.draft, "draft", 2)  # random norm: it mispredicts
-      timed(f"ssd_miss_{fb}", LLM(target, fresh_draft, method="ssd", k=FLAGS.k, f=FLAGS.f,
-                                  fallback=fb, draft_devices=draft_devices, **common))
+      timed(f"ssd_miss_{fb}", lambda: LLM(target, fresh_draft, method="ssd", k=FLAGS.k,
+                                          f=FLAGS.f, fallback=fb,
+                                          draft_devices=draft_devices, **common))
+      del fresh_draft
   runs = results["runs"]
   if "sd" in runs and "ssd_hit" in runs:
     verify = runs["sd"].get("profile_verify_ms")
@@ -141,10 +166,7 @@ def main(argv):
       results["ssd_hit_round_over_verify"] = hit / verify
       print(f"SSD hit round {hit:.3f} ms vs verify alone {verify:.3f} ms: "
             f"{hit / verify:.3f}x", flush=True)
-  results["total_s"] = time.perf_counter() - t_start
-  if FLAGS.output_json:
-    with open(FLAGS.output_json, "w") as f:
-      json.dump(results, f, indent=1)
+  save()
 
 
 if __name__ == "__main__":
