@@ -108,7 +108,8 @@ class LLM:
       self.draft = None
       return
     if draft is None and model is None:
-      draft = checkpoint.default_draft_dir()
+      from ssd_jax.distill import ensure_default_draft  # built once from drafts/ + target
+      draft = ensure_default_draft()
     elif draft is None:
       raise ValueError(f"--method {method} needs --draft (a draft model sharing the "
                        "target's tokenizer), or no --model to use the embedded pair")
