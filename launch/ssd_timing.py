@@ -37,7 +37,38 @@ flags.DEFINE_list("runs", "ar,sd,ssd_hit,ssd_miss_jit,ssd_miss_fast", "What to t
 flags.DEFINE_string("output_json", None, "Write the results here (after every run).")
 flags.DEFINE_string("compilation_cache", "/tmp/ssd_jax_xla_cache", "Persistent XLA cache: "
                     "runs that share programs (same shapes) compile them once.")
+flags.DEFINE_string("plot", None, "Write a PNG of decode tokens/s per run here.")
+flags.DEFINE_string("from_json", None, "Only plot an earlier --output_json (no GPU work).")
+flags.DEFINE_string("peer_json", None, "launch/peer_transformers.py JSON to plot beside.")
 FLAGS = flags.FLAGS
+
+
+def plot(results: dict, path: str, peer: dict | None = None) -> None:
+  """Bar chart: decode tokens/s of each run (and the transformers peer's AR)."""
+  import matplotlib
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt
+  names, values = [], []
+  for name, m in results["runs"].items():
+    if "decode_tokens_per_s" in m:
+      names.append(name)
+      values.append(m["decode_tokens_per_s"])
+  if peer:
+    for row in peer.get("results", []):
+      if row.get("method") == "ar" and row.get("decode_tokens_per_s"):
+        names.append("transformers AR")
+        values.append(row["decode_tokens_per_s"])
+        break
+  fig, ax = plt.subplots(figsize=(8, 3.6))
+  bars = ax.bar(names, values, color=["#4c72b0"] * len(names))
+  for bar, v in zip(bars, values):
+    ax.text(bar.get_x() + bar.get_width() / 2, v, f"{v:.0f}", ha="center", va="bottom")
+  ax.set_ylabel("decode tokens/s")
+  ax.set_title(f"{results['target']} target, {results['draft']} draft, batch "
+               f"{results['batch']}, K={results['k']} (random-weight timing)", fontsize=9)
+  plt.setp(ax.get_xticklabels(), rotation=15, fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=120)
 
 
 def _build(name, role, seed, layers=0):
@@ -62,6 +93,12 @@ def _zero_norm(model):
 
 def main(argv):
   del argv
+  if FLAGS.from_json:
+    with open(FLAGS.from_json) as f:
+      results = json.load(f)
+    peer = json.load(open(FLAGS.peer_json)) if FLAGS.peer_json else None
+    plot(results, FLAGS.plot or FLAGS.from_json.replace(".json", ".png"), peer)
+    return
   import jax
   import numpy as np
   from ssd_jax import LLM, SamplingParams
@@ -169,6 +206,8 @@ def main(argv):
       print(f"SSD hit round {hit:.3f} ms vs verify alone {verify:.3f} ms: "
             f"{hit / verify:.3f}x", flush=True)
   save()
+  if FLAGS.plot:
+    plot(results, FLAGS.plot)
 
 
 if __name__ == "__main__":

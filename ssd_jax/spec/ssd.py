@@ -127,17 +127,17 @@ class SSDDecoder(Decoder):
   def round(self, state: DecodeState):
     # Target: verify the current speculation (critical path) ...
     spec, q = self.spec_t
-    self.target.kv, state, emitted, count, accepted = self._verify(
+    self.target.kv, state, emitted, count, accepted, outcome = self._verify(
         self.target.params, self.target.kv, state, spec, q, self.consts,
         greedy=not self.want_q)
     # ... while the draft, on its own devices, prepares for every likely outcome.
     self.draft.kv, cache = self._build(self.draft.params, self.draft.kv, self.dstate,
                                        self.page_table_d, self.temp_d, self.branch_a,
                                        self.branch_rank, want_q=self.want_q)
-    outcome = self.draft.put((accepted, state.token, state.pos, state.done))
+    outcome = self.draft.put(outcome)  # one small device-to-device copy
     looked_up = self.dstate.live
     self.draft.kv, self.dstate, spec_q, hit = self._lookup(
-        self.draft.params, self.draft.kv, self.dstate, cache, *outcome, self.page_table_d,
+        self.draft.params, self.draft.kv, self.dstate, cache, outcome, self.page_table_d,
         self.temp_d, want_q=self.want_q)
     self.spec_t = self.target.put(spec_q)
     return state, emitted, count, {"accepted": accepted, "hit": hit, "looked_up": looked_up}
@@ -146,7 +146,9 @@ class SSDDecoder(Decoder):
   def _verify_fn(self, params, kv, state, spec, q, consts, greedy):
     kv, new, emitted, count, accepted, _ = verify_speculation(
         self.target, params, kv, state, spec, q, consts, greedy)
-    return kv, new, emitted, count, accepted
+    # The outcome the draft needs, packed into one [4, B] array: one transfer, not four.
+    outcome = jnp.stack([accepted, new.token, new.pos, new.done.astype(jnp.int32)])
+    return kv, new, emitted, count, accepted, outcome
 
   def _draft_now(self, params, kv, token, pos, live, page_table, temp, key, want_q):
     """K draft tokens after `token` at `pos` (the first speculation and the jit fallback).
@@ -212,9 +214,10 @@ class SSDDecoder(Decoder):
                              q=jnp.moveaxis(qs, 0, 2) if want_q else None)
     return kv, cache
 
-  def _lookup_fn(self, params, kv, ds: DraftState, cache: SpeculationCache, accepted,
-                 recovery, pos, done, page_table, temp, want_q):
-    live = ~done
+  def _lookup_fn(self, params, kv, ds: DraftState, cache: SpeculationCache, outcome,
+                 page_table, temp, want_q):
+    accepted, recovery, pos = outcome[0], outcome[1], outcome[2]
+    live = outcome[3] == 0
     hit, index = fo.lookup(cache.branch_a, cache.branch_tok, accepted, recovery)
     hit = hit & ds.live
     pick = lambda x: jnp.take_along_axis(
