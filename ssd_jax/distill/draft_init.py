@@ -143,11 +143,18 @@ def cache_root() -> str:
 def save_draft_layers(model: Transformer, cfg: ModelConfig, out_dir: str, *,
                       shard_mb: float = 15, extra: dict | None = None) -> list[str]:
   """Writes every parameter but the embedding as bf16 safetensors shards + draft.json."""
+  flat = {k: v for k, v in flat_params(model).items() if k != "embed_tokens"}
+  return write_draft_layers(flat, cfg, out_dir, shard_mb=shard_mb, extra=extra)
+
+
+def write_draft_layers(flat: dict, cfg: ModelConfig, out_dir: str, *, shard_mb: float = 15,
+                       extra: dict | None = None) -> list[str]:
+  """`save_draft_layers` from named arrays (no embedding); shards above shard_mb MB."""
   import numpy as np
   from safetensors.numpy import save_file
   os.makedirs(out_dir, exist_ok=True)
   flat = {k: np.asarray(jnp.asarray(v, jnp.bfloat16)).view(np.uint16)
-          for k, v in flat_params(model).items() if k != "embed_tokens"}
+          for k, v in flat.items() if k != "embed_tokens"}
   shards, cur, size = [], {}, 0
   for k in sorted(flat):
     nbytes = flat[k].nbytes

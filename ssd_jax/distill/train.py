@@ -32,7 +32,7 @@ import numpy as np
 import optax
 from flax import nnx
 
-from ssd_jax.models.transformer import AttentionInputs, KVCache, Transformer, init_kv_cache
+from ssd_jax.models.transformer import AttentionInputs, Transformer, init_kv_cache
 
 
 # --- forward passes ---------------------------------------------------------------------
