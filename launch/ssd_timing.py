@@ -16,7 +16,6 @@ runs use two controlled regimes, stated in the output:
 from __future__ import annotations
 
 import json
-import sys
 import time
 
 from absl import app, flags

@@ -96,7 +96,7 @@ def make_tiny_hf_checkpoint(tmpdir, kind: str, *, seed: int = 0, max_shard_size=
 
   Returns the directory. `max_shard_size` (e.g. "20KB") gives a sharded index checkpoint.
   """
-  out = os.path.join(str(tmpdir), kind + (f"-sharded" if max_shard_size else ""))
+  out = os.path.join(str(tmpdir), kind + ("-sharded" if max_shard_size else ""))
   model = make_tiny_hf_model(kind, seed)
   kw = {"max_shard_size": max_shard_size} if max_shard_size else {}
   model.save_pretrained(out, **kw)

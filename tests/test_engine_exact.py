@@ -6,13 +6,12 @@ hits) and a noisy copy (hits and misses), a 2-way TP target with the draft on it
 device, and stops (EOS inside an accepted speculation, max_new_tokens).
 """
 
-import numpy as np
 import pytest
 
 from ssd_jax.engine.llm import LLM
 from ssd_jax.engine.sampling import SamplingParams
 
-from engine_models import EOS, noisy_copy, scaled_target, tiny_target
+from engine_models import noisy_copy, scaled_target, tiny_target
 
 PROMPTS = [[3, 17, 42, 8, 9], list(range(1, 30)), [77, 5], [11, 12, 13, 14, 15, 16, 17, 18]]
 MAX_NEW = 24

@@ -86,7 +86,6 @@ class LLM:
       raise ValueError("--draft-devices needs --method sd or ssd (AR has no draft)")
     self.target_mesh, self.draft_mesh = make_meshes(spec, draft_devices, devices)
 
-    from ssd_jax import checkpoint  # the loader pulls in transformers: only when needed
     self.target_model, self.tokenizer = self._load(model, self.target_mesh, impl, tokenizer,
                                                    "target")
     self.cfg = self.target_model.cfg

@@ -9,7 +9,6 @@ branch that hangs off glue position a gets kv_limit = n + a + 1.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
 NEG_INF = -1e30  # finite, so fully masked rows give exp(-inf)=0 instead of NaN

@@ -75,8 +75,7 @@ def recovery_candidates(glue_logits, draft_tokens, branch_a, branch_rank, max_f:
   glue_logits: [B, K+1, V] draft logits after r, d1..dK; draft_tokens: [B, K];
   branch_a, branch_rank: int32 [B, M]. Returns int32 [B, M].
   """
-  b, k1, v = glue_logits.shape
-  k = k1 - 1
+  b, _, v = glue_logits.shape
   # Exclude d_{a+1} at positions a < K; position K (bonus) excludes nothing.
   excluded = jax.nn.one_hot(draft_tokens, v, dtype=bool)                      # [B, K, V]
   excluded = jnp.concatenate([excluded, jnp.zeros((b, 1, v), bool)], axis=1)  # [B, K+1, V]

@@ -68,41 +68,56 @@ def draft_temperatures(wave: Wave, override: float | None) -> np.ndarray:
   return t
 
 
-class SDDecoder(Decoder):
-  def __init__(self, target: ModelRunner, draft: ModelRunner, opts: SpecOptions,
+class SpeculativeDecoder(Decoder):
+  """What SD and SSD share: a target and a draft runner, and the start of a wave (both
+  models prefill the prompt; the target samples the first token)."""
+
+  def __init__(self, target: ModelRunner, draft: ModelRunner, draft_temperature,
                tokenizer_decode, eos_ids):
     super().__init__(tokenizer_decode, eos_ids)
-    self.target, self.draft, self.opts = target, draft, opts
+    self.target, self.draft = target, draft
+    self.draft_temperature = draft_temperature
     self._first = target.jit(first_token_state, static_argnames=("greedy",))
-    self._propose = draft.jit(self._propose_fn, donate_argnums=(1,),
-                              static_argnames=("want_q",))
-    self._verify = target.jit(self._verify_fn, donate_argnums=(1,),
-                              static_argnames=("greedy",))
     self.phase_times = collections.defaultdict(list)
 
   def num_compilations(self) -> int:
     return self.target.num_compilations() + self.draft.num_compilations()
 
-  def start(self, wave: Wave):
+  def _start_wave(self, wave: Wave):
+    """Prefill both models; returns (state, first tokens, count) on the target's mesh."""
     seqs = wave.seqs
     rows = [s.prompt_token_ids[s.num_cached_tokens:] for s in seqs]
     starts = [s.num_cached_tokens for s in seqs]
     logits = self.target.prefill(rows, starts, wave.page_table, wave.batch)
     self.draft.prefill(rows, starts, wave.page_table, wave.batch)
     self.greedy = wave.all_greedy
-    consts = wave.constants(self.eos_ids)
-    self.consts = self.target.put(consts)
+    self.consts = self.target.put(wave.constants(self.eos_ids))
     self.draft_page_table = self.draft.put(wave.page_table)
-    self.draft_temp = self.draft.put(draft_temperatures(wave, self.opts.draft_temperature))
+    self.draft_temp = self.draft.put(draft_temperatures(wave, self.draft_temperature))
+    self.draft_key = self.draft.put(jax.random.key(seqs[0].params.seed + 1))
     prompt_len = np.zeros((wave.batch,), np.int32)
     prompt_len[:len(seqs)] = [s.prompt_len for s in seqs]
-    last = np.zeros((wave.batch,), np.int32)
-    last[:len(seqs)] = [s.prompt_token_ids[-1] for s in seqs]
-    self.prev = self.target.put(last)  # the token before `state.token`: its KV is rewritten
-    self.draft_key = self.draft.put(jax.random.key(seqs[0].params.seed + 1))
     key = jax.random.key(seqs[0].params.seed)
     return self._first(logits, self.consts, *self.target.put((prompt_len, key)),
                        greedy=self.greedy)
+
+
+class SDDecoder(SpeculativeDecoder):
+  def __init__(self, target: ModelRunner, draft: ModelRunner, opts: SpecOptions,
+               tokenizer_decode, eos_ids):
+    super().__init__(target, draft, opts.draft_temperature, tokenizer_decode, eos_ids)
+    self.opts = opts
+    self._propose = draft.jit(self._propose_fn, donate_argnums=(1,),
+                              static_argnames=("want_q",))
+    self._verify = target.jit(self._verify_fn, donate_argnums=(1,),
+                              static_argnames=("greedy",))
+
+  def start(self, wave: Wave):
+    first = self._start_wave(wave)
+    last = np.zeros((wave.batch,), np.int32)
+    last[:len(wave.seqs)] = [s.prompt_token_ids[-1] for s in wave.seqs]
+    self.prev = self.target.put(last)  # the token before `state.token`: its KV is rewritten
+    return first
 
   def round(self, state: DecodeState):
     t0 = time.perf_counter()

@@ -21,16 +21,14 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from ssd_jax.engine.ar import first_token_state
-from ssd_jax.engine.decoder import DecodeState, Decoder, Wave
+from ssd_jax.engine.decoder import DecodeState, Wave
 from ssd_jax.engine.runner import ModelRunner, slot_mapping
 from ssd_jax.models.transformer import AttentionInputs, init_tree_scratch
 from ssd_jax.sharding.rules import TREE_SCRATCH_AXES, sharding_for
 from ssd_jax.spec import fanout as fo
 from ssd_jax.spec.draft import draft_decode, draw
-from ssd_jax.spec.sd import draft_temperatures, verify_speculation
+from ssd_jax.spec.sd import SpeculativeDecoder, verify_speculation
 
 FALLBACKS = ("jit", "fast")
 
@@ -81,13 +79,12 @@ class SpeculationCache:
   q: jax.Array | None    # [B, M, K, V] the distributions they were drawn from (sampling)
 
 
-class SSDDecoder(Decoder):
+class SSDDecoder(SpeculativeDecoder):
   def __init__(self, target: ModelRunner, draft: ModelRunner, opts: SSDOptions,
                tokenizer_decode, eos_ids):
-    super().__init__(tokenizer_decode, eos_ids)
-    self.target, self.draft, self.opts = target, draft, opts
+    super().__init__(target, draft, opts.draft_temperature, tokenizer_decode, eos_ids)
+    self.opts = opts
     self.branch_a, self.branch_rank = draft.put(opts.plan.branch_arrays())
-    self._first = target.jit(first_token_state, static_argnames=("greedy",))
     self._first_spec = draft.jit(self._first_spec_fn, donate_argnums=(1,),
                                  static_argnames=("want_q",))
     self._verify = target.jit(self._verify_fn, donate_argnums=(1,),
@@ -97,30 +94,15 @@ class SSDDecoder(Decoder):
     self._lookup = draft.jit(self._lookup_fn, donate_argnums=(1,),
                              static_argnames=("want_q",))
 
-  def num_compilations(self) -> int:
-    return self.target.num_compilations() + self.draft.num_compilations()
-
   # -- host side --------------------------------------------------------------------------
   def start(self, wave: Wave):
-    seqs = wave.seqs
-    rows = [s.prompt_token_ids[s.num_cached_tokens:] for s in seqs]
-    starts = [s.num_cached_tokens for s in seqs]
-    logits = self.target.prefill(rows, starts, wave.page_table, wave.batch)
-    self.draft.prefill(rows, starts, wave.page_table, wave.batch)
-    self.want_q = not wave.all_greedy
-    self.consts = self.target.put(wave.constants(self.eos_ids))
-    self.page_table_d = self.draft.put(wave.page_table)
-    self.temp_d = self.draft.put(draft_temperatures(wave, self.opts.draft_temperature))
-    prompt_len = np.zeros((wave.batch,), np.int32)
-    prompt_len[:len(seqs)] = [s.prompt_len for s in seqs]
-    key = jax.random.key(seqs[0].params.seed)
-    state, first, count = self._first(logits, self.consts, *self.target.put((prompt_len, key)),
-                                      greedy=not self.want_q)
+    state, first, count = self._start_wave(wave)
+    self.want_q = not self.greedy
     # The first speculation has no cache to come from: draft it directly (a "miss").
     token, pos, done = self.draft.put((state.token, state.pos, state.done))
     self.draft.kv, self.dstate, q = self._first_spec(
-        self.draft.params, self.draft.kv, token, pos, ~done, self.page_table_d, self.temp_d,
-        self.draft.put(jax.random.key(seqs[0].params.seed + 1)), want_q=self.want_q)
+        self.draft.params, self.draft.kv, token, pos, ~done, self.draft_page_table,
+        self.draft_temp, self.draft_key, want_q=self.want_q)
     self.spec_t = self.target.put((self.dstate.spec, q))
     return state, first, count
 
@@ -132,13 +114,13 @@ class SSDDecoder(Decoder):
         greedy=not self.want_q)
     # ... while the draft, on its own devices, prepares for every likely outcome.
     self.draft.kv, cache = self._build(self.draft.params, self.draft.kv, self.dstate,
-                                       self.page_table_d, self.temp_d, self.branch_a,
+                                       self.draft_page_table, self.draft_temp, self.branch_a,
                                        self.branch_rank, want_q=self.want_q)
     outcome = self.draft.put(outcome)  # one small device-to-device copy
     looked_up = self.dstate.live
     self.draft.kv, self.dstate, spec_q, hit = self._lookup(
-        self.draft.params, self.draft.kv, self.dstate, cache, outcome, self.page_table_d,
-        self.temp_d, want_q=self.want_q)
+        self.draft.params, self.draft.kv, self.dstate, cache, outcome, self.draft_page_table,
+        self.draft_temp, want_q=self.want_q)
     self.spec_t = self.target.put(spec_q)
     return state, emitted, count, {"accepted": accepted, "hit": hit, "looked_up": looked_up}
 
