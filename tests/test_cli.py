@@ -91,3 +91,11 @@ def test_mesh_errors():
     LLM(tiny_target(), method="ar", mesh="8x1", page_size=16, max_model_len=32)
   target, draft = make_meshes(MeshSpec(tp=2, dp=2), draft_devices=2)
   assert set(target.devices.flat).isdisjoint(draft.devices.flat)
+
+
+def test_a_failed_generate_leaves_nothing_queued():
+  llm = LLM(tiny_target(), method="ar", page_size=16, max_model_len=128, num_pages=4)
+  with pytest.raises(Exception, match="KV pages"):
+    llm.generate([[1, 2], [3] * 70], SamplingParams(max_new_tokens=20))
+  out = llm.generate([[5, 6]], SamplingParams(max_new_tokens=3, ignore_eos=True))
+  assert len(out) == 1 and len(out[0].token_ids) == 3

@@ -187,6 +187,9 @@ class LLM:
       raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
     seqs = []
     now = time.perf_counter()
+    # generate() is synchronous: anything still queued is left over from a call that
+    # failed part-way (e.g. a request that could never fit), not work to resume.
+    self.scheduler.waiting.clear()
     for prompt, p in zip(prompts, plist):
       ids = self._encode(prompt, chat_template)
       if not ids:
