@@ -106,6 +106,13 @@ def test_no_recompilation_after_warmup():
   other[2] = other[2] + [4, 4, 4]
   llm.generate(other, SamplingParams(max_new_tokens=12, ignore_eos=True))
   assert llm.last_metrics["compilations"] == 0
+  # Profile mode times every round and splits them by cache hit / miss, same programs.
+  llm.decoder.profile = True
+  llm.reset_prefix_cache()
+  llm.generate(other, SamplingParams(max_new_tokens=12, ignore_eos=True))
+  m = llm.last_metrics
+  assert m["compilations"] == 0 and m["profiled_round_ms"] > 0
+  assert "hit_round_ms" in m or "miss_round_ms" in m
 
 
 @pytest.mark.parametrize("method", ["ar", "sd", "ssd"])

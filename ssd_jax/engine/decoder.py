@@ -92,7 +92,6 @@ class WaveStats:
   rounds: int = 0
   decode_s: float = 0.0
   prefill_s: float = 0.0
-  extra: dict = dataclasses.field(default_factory=lambda: collections.defaultdict(float))
 
 
 class Decoder:
@@ -106,6 +105,8 @@ class Decoder:
   def __init__(self, tokenizer_decode, eos_ids: tuple[int, ...]):
     self.decode_text = tokenizer_decode
     self.eos_ids = tuple(eos_ids)
+    self.round_times: list[tuple[float, bool | None]] = []  # filled in profile mode
+    self.phase_times: dict[str, list[float]] = collections.defaultdict(list)
 
   def start(self, wave: Wave):
     raise NotImplementedError
@@ -155,7 +156,10 @@ class Decoder:
       stats.rounds += 1
       if self.profile:
         jax.block_until_ready((state, emitted, count, info))
-        all_hit = bool(np.all(np.asarray(info["hit"]))) if "hit" in info else None
+        all_hit = None
+        if "hit" in info:  # a round is a hit when every sequence that looked up hit
+          hit, asked = np.asarray(info["hit"]), np.asarray(info["looked_up"])
+          all_hit = bool(np.all(hit[asked])) if asked.any() else None
         self.round_times.append((time.perf_counter() - t_round, all_hit))
       pending.append((emitted, count, info))
       if len(pending) > self.lag:

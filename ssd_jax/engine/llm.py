@@ -247,7 +247,7 @@ class LLM:
     }
     if self.method == "ar":
       self.last_metrics["mean_accepted"] = None
-    if getattr(self.decoder, "round_times", None):
+    if self.decoder.round_times:
       self.last_metrics.update(self.decoder.profile_summary())
     return outs
 

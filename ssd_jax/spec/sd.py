@@ -7,7 +7,6 @@ loop) and `verify` on the target's mesh. Their inputs move between meshes with
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import time
 
@@ -78,7 +77,6 @@ class SpeculativeDecoder(Decoder):
     self.target, self.draft = target, draft
     self.draft_temperature = draft_temperature
     self._first = target.jit(first_token_state, static_argnames=("greedy",))
-    self.phase_times = collections.defaultdict(list)
 
   def num_compilations(self) -> int:
     return self.target.num_compilations() + self.draft.num_compilations()
