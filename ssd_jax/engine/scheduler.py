@@ -11,7 +11,7 @@ import collections
 
 import numpy as np
 
-from ssd_jax.engine.block_manager import BlockManager
+from ssd_jax.engine.block_manager import BlockManager, OutOfPagesError
 from ssd_jax.engine.decoder import Wave
 from ssd_jax.engine.runner import bucket
 from ssd_jax.engine.sequence import Sequence, Status
@@ -30,7 +30,6 @@ class Scheduler:
   def add(self, seq: Sequence) -> None:
     need = self.blocks.pages_for(self.reservation(seq))
     if need > self.blocks.num_pages:
-      from ssd_jax.engine.block_manager import OutOfPagesError
       raise OutOfPagesError(
           f"request {seq.seq_id} needs {need} KV pages ({self.reservation(seq)} tokens) but "
           f"the cache has {self.blocks.num_pages}; raise num_pages or lower max_new_tokens")
