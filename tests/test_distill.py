@@ -1,5 +1,6 @@
 """Draft distillation on a tiny random target (CPU, seconds)."""
 
+import dataclasses
 import functools
 import os
 
@@ -80,6 +81,22 @@ def test_resume_continues_the_same_run(tmp_path):
   resumed_dist = make_dist(target, steps=6, ckpt_every=3)
   rest = train.train_loop(resumed_dist, token_batches(), ckpt_dir=ckpt, resume=True)
   assert [h["step"] for h in first + rest] == list(range(1, 7))
+  np.testing.assert_allclose([h["loss"] for h in first + rest], [h["loss"] for h in full],
+                             rtol=1e-6, atol=1e-7)
+
+
+def test_stop_after_seconds_leaves_a_resumable_run(tmp_path):
+  target = tiny_target()
+  full = train.train_loop(make_dist(target, steps=4), token_batches())
+  ckpt = str(tmp_path / "ckpt")
+  dist = make_dist(target, steps=4)
+  dist.tc = dataclasses.replace(dist.tc, log_every=1)
+  first = train.train_loop(dist, token_batches(), ckpt_dir=ckpt, stop_after_s=1e-9,
+                           log=lambda m: None)
+  assert len(first) == 1  # stopped at the first progress line, with a checkpoint
+  rest = train.train_loop(make_dist(target, steps=4), token_batches(), ckpt_dir=ckpt,
+                          resume=True)
+  assert [h["step"] for h in first + rest] == [1, 2, 3, 4]
   np.testing.assert_allclose([h["loss"] for h in first + rest], [h["loss"] for h in full],
                              rtol=1e-6, atol=1e-7)
 
@@ -178,3 +195,27 @@ def test_default_draft_files_fit_the_embedded_target():
   shapes.pop("embed_tokens")
   assert shapes == {k: tuple(v.shape) for k, v in flat.items()}
   assert sum(os.path.getsize(os.path.join(src, f)) for f in os.listdir(src)) < 40 * 2**20
+
+
+def test_int8_draft_layers_store_what_the_round_trip_says(tmp_path):
+  rng = np.random.default_rng(0)
+  flat = {"layers.0.mlp.down_proj": rng.normal(0, 0.05, (48, 40)).astype(np.float32),
+          "layers.0.input_layernorm.weight": rng.normal(1, 0.1, (40,)).astype(np.float32),
+          "layers.0.self_attn.k_proj": rng.normal(0, 0.05, (40, 2, 7)).astype(np.float32)}
+  rt = draft_init.int8_round_trip(flat)
+  # blocks of 32 with a scale each: error within half a step of the block's scale
+  for k, v in flat.items():
+    err = np.abs(rt[k] - v).max()
+    assert err <= (np.abs(v).max() / 127 / 2 + 1e-7 if v.ndim > 1 else 0), k
+  out = str(tmp_path / "layers")
+  draft_init.write_draft_layers(flat, CFG, out, storage="int8")
+  cfg, loaded = draft_init.load_draft_layers(out)
+  assert cfg.num_layers == CFG.num_layers
+  assert set(loaded) == set(flat)
+  for k in flat:
+    np.testing.assert_array_equal(loaded[k], rt[k])
+  size = sum(os.path.getsize(os.path.join(out, f)) for f in os.listdir(out)
+             if f.endswith(".safetensors"))
+  assert size < sum(v.size for v in flat.values()) * 2  # smaller than bf16
+  with pytest.raises(ValueError, match="use bfloat16 or int8"):
+    draft_init.write_draft_layers(flat, CFG, out, storage="fp4")

@@ -77,6 +77,12 @@ flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in --ckp
 flags.DEFINE_float("time_budget_s", 0, "Training ends by this many seconds after start-up "
                    "(loading and self-generation included; evaluation not); 0 = off.")
 # outputs
+flags.DEFINE_float("stop_after_s", 0, "End this process's training (with a checkpoint) at the "
+                   "first progress line past this many seconds; the run length is unchanged "
+                   "and --resume goes on (for machines whose calls are time-capped).")
+flags.DEFINE_enum("layers_dtype", "bfloat16", ["bfloat16", "int8"], "Storage of --layers_out: "
+                  "bf16, or int8 in blocks of 32 with a scale each (half the size; the "
+                  "evaluation then measures the int8 round-tripped draft, i.e. what ships).")
 flags.DEFINE_string("out_dir", "", "Export the draft as a HuggingFace dir here.")
 flags.DEFINE_string("layers_out", "", "Write the draft's non-embedding weights here "
                     "(draft_layers*.safetensors + draft.json), the repo format of a default "
@@ -367,7 +373,8 @@ def mode_train():
     budget = FLAGS.time_budget_s - (time.time() - t_start)
   t0 = time.time()
   hist = train.train_loop(dist, batches, ckpt_dir=FLAGS.ckpt_dir or None, resume=FLAGS.resume,
-                          log=log, time_budget_s=budget, meta=meta)
+                          log=log, time_budget_s=budget, meta=meta,
+                          stop_after_s=FLAGS.stop_after_s or None)
   train_s = time.time() - t0
   log(f"trained {len(hist)} steps in {train_s:.0f}s "
       f"({len(hist) * FLAGS.batch * FLAGS.seq_len / max(train_s, 1e-9):,.0f} tok/s incl. "
@@ -377,12 +384,16 @@ def mode_train():
                        "tokens": len(hist) * FLAGS.batch * FLAGS.seq_len,
                        "last_loss": hist[-1]["loss"] if hist else None,
                        "argv": sys.argv[1:]}}
+  if FLAGS.layers_dtype == "int8":
+    # Training is over (its checkpoint holds the exact weights): from here on, export and
+    # evaluation see the draft as it will be stored.
+    dist.params = {k: jnp.asarray(v, dist.params[k].dtype)
+                   for k, v in draft_init.int8_round_trip(dist.params).items()}
   final = dist.draft_model(dtype=jnp.float32)
   if FLAGS.layers_out:
-    from ssd_jax.distill import draft_init as di
-    di.save_draft_layers(final, dcfg, FLAGS.layers_out, shard_mb=FLAGS.layers_shard_mb,
-                         extra={"train": results["train"]})
-    log(f"wrote draft layers to {FLAGS.layers_out}")
+    draft_init.save_draft_layers(final, dcfg, FLAGS.layers_out, shard_mb=FLAGS.layers_shard_mb,
+                                 storage=FLAGS.layers_dtype, extra={"train": results["train"]})
+    log(f"wrote draft layers ({FLAGS.layers_dtype}) to {FLAGS.layers_out}")
   if FLAGS.out_dir:
     from ssd_jax.checkpoint.export import save_hf_checkpoint
     tok = None

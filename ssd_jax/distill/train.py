@@ -269,7 +269,8 @@ def fmt_time(s: float) -> str:
 
 def train_loop(dist: Distiller, batches, *, ckpt_dir: str | None = None, resume: bool = False,
                log: Callable[[str], None] = print, time_budget_s: float | None = None,
-               meta: dict | None = None, stop_after: int | None = None) -> list[dict]:
+               meta: dict | None = None, stop_after: int | None = None,
+               stop_after_s: float | None = None) -> list[dict]:
   """Trains from `batches` (an object with start(pos)/next()/position) to dist.total_steps.
 
   With `resume`, continues from the latest checkpoint in ckpt_dir: same parameters,
@@ -277,7 +278,9 @@ def train_loop(dist: Distiller, batches, *, ckpt_dir: str | None = None, resume:
   tc.ckpt_every steps and at the end. With tc.steps=0 the run length is fixed after
   tc.calib_steps timed steps to what fits `time_budget_s` (seconds from this call); a
   budget also stops a fixed-length run early. `stop_after` ends this run after that step
-  (the schedule is unchanged), as an interrupted run would. Returns per-step metrics.
+  (the schedule is unchanged), as an interrupted run would; `stop_after_s` does the same
+  at the first progress line past that many seconds (a run split over several processes
+  whose lifetimes are capped, e.g. 10-minute device calls). Returns per-step metrics.
   """
   tc = dist.tc
   t0 = time.time()
@@ -335,6 +338,10 @@ def train_loop(dist: Distiller, batches, *, ckpt_dir: str | None = None, resume:
         if now - t0 + per_step * (tc.log_every + 1) > time_budget_s:
           log(f"time budget {time_budget_s:.0f}s reached at step {dist.step}")
           break
+      if stop_after_s and now - t0 > stop_after_s:
+        log(f"stopping this run at step {dist.step} after {now - t0:.0f}s (--stop_after_s); "
+            f"the schedule goes on to step {dist.total_steps} on --resume")
+        break
     if mngr is not None and tc.ckpt_every and dist.step % tc.ckpt_every == 0:
       dist.save(mngr, batches.position, meta)
   if mngr is not None and (not history or mngr.latest_step() != dist.step):
@@ -363,24 +370,35 @@ def _fn_key(fn: Functional):
   return (fn.graphdef, fn.treedef, tuple(fn.names))
 
 
-def _generate(fn: Functional, params, tokens, lens, max_new: int):
+# Generation uses pages of this many slots: a power of two, so that on GPU the Pallas
+# kernel serves it and each step reads only the pages up to the current position (the
+# XLA reference reads the whole [B, prompt + max_new] cache every step).
+GEN_PAGE = 64
+
+
+def _generate(fn: Functional, impl: str, params, tokens, lens, max_new: int):
   """Greedy tokens [B, max_new] after right-padded prompts tokens [B, Lp] of lengths lens."""
   model = fn.bind(params)
+  for layer in model.layers:  # a static attribute: the traced copy may use another kernel
+    layer.self_attn.attention_impl = impl
   b, lp = tokens.shape
-  length = lp + max_new
+  pages_per_row = -(-(lp + max_new) // GEN_PAGE)
+  row_slots = pages_per_row * GEN_PAGE
   dtype = model.embed_tokens[...].dtype
-  kv = init_kv_cache(model.cfg, num_pages=b, page_size=length, dtype=dtype)
+  kv = init_kv_cache(model.cfg, num_pages=b * pages_per_row, page_size=GEN_PAGE, dtype=dtype)
   rows = jnp.arange(b, dtype=jnp.int32)[:, None]
+  # Row r owns pages r*P .. r*P+P-1, so its slot for position t is r*P*GEN_PAGE + t.
+  table = rows * pages_per_row + jnp.arange(pages_per_row, dtype=jnp.int32)[None, :]
   pos = jnp.broadcast_to(jnp.arange(lp, dtype=jnp.int32), (b, lp))
-  slots = jnp.where(pos < lens[:, None], rows * length + pos, -1)  # padding writes nothing
-  attn = AttentionInputs(page_table=rows, slot_mapping=slots, kv_limit=pos + 1)
+  slots = jnp.where(pos < lens[:, None], rows * row_slots + pos, -1)  # padding writes nothing
+  attn = AttentionInputs(page_table=table, slot_mapping=slots, kv_limit=pos + 1)
   logits, kv, _ = model(tokens, pos, kv, attn, logits_at=lens - 1)
   first = jnp.argmax(logits, -1).astype(jnp.int32)
 
   def step(carry, i):
     kv, tok = carry
     p = (lens + i)[:, None]
-    a = AttentionInputs(page_table=rows, slot_mapping=rows * length + p, kv_limit=p + 1)
+    a = AttentionInputs(page_table=table, slot_mapping=rows * row_slots + p, kv_limit=p + 1)
     lg, kv, _ = model(tok[:, None], p, kv, a)
     nxt = jnp.argmax(lg[:, 0], -1).astype(jnp.int32)
     return (kv, nxt), nxt
@@ -390,13 +408,15 @@ def _generate(fn: Functional, params, tokens, lens, max_new: int):
 
 
 class Generator:
-  """Batched greedy generation over the paged cache (one page per sequence)."""
+  """Batched greedy generation over the paged cache (the Pallas kernel on GPU)."""
 
-  def __init__(self, model: Transformer):
+  def __init__(self, model: Transformer, attention_impl: str = "auto"):
+    from ssd_jax.kernels import resolve_impl
     self.fn = fn = Functional(model)
+    impl = resolve_impl(attention_impl)
     self._jit = _cached_jit(
-        ("generate",) + _fn_key(fn),
-        lambda: jax.jit(functools.partial(_generate, fn), static_argnames=("max_new",)))
+        ("generate", impl) + _fn_key(fn),
+        lambda: jax.jit(functools.partial(_generate, fn, impl), static_argnames=("max_new",)))
 
   def generate(self, prompts: Sequence[Sequence[int]], max_new: int,
                eos_ids: Sequence[int] = (), batch_size: int = 32,
