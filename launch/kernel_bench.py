@@ -518,10 +518,10 @@ def check_cases(which):
       ("bfloat16", 24, 64, 8, 128, 64, 2, dict(block_rows=256, block_k=32)),
   ]
   if which == "quick":
-    # Each path the merge kernel and the split policy touch: auto splits for GQA decode
-    # and a two-tile 70b tree (from the full set), then the new cases less the XLA merge
-    # (unchanged code) and float32 70b verify.
-    return [cases[3], cases[15]] + [c for i, c in enumerate(new) if i not in (1, 5)]
+    # The default paths the merge kernel and the split policy touch: auto splits for GQA
+    # decode (merge of 1 row per program) and for a two-tile 70b tree (16 rows per merge
+    # program), 32 splits, 5 splits, a short table (no split), the draft's shape.
+    return [cases[3], cases[15]] + new[:1] + new[2:5]
   return cases + new
 
 
@@ -627,6 +627,8 @@ def main(argv):
     _OUT["check_failures"] = check()
     _save(_OUT)
   if not table_rows and not plan:
+    if _OUT.get("check_failures"):
+      sys.exit(f"check: {_OUT['check_failures']} case(s) failed")
     return
   bw = copy_bandwidth()
   _OUT["copy_bandwidth"] = bw
@@ -644,6 +646,8 @@ def main(argv):
   print(f"copy bandwidth at the end: {_OUT['copy_bandwidth_end']['best'] / 1e9:.0f} GB/s "
         f"({elapsed():.0f}s in all)", flush=True)
   _save(_OUT)
+  if _OUT.get("check_failures"):
+    sys.exit(f"check: {_OUT['check_failures']} case(s) failed")
 
 
 if __name__ == "__main__":
