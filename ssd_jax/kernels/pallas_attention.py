@@ -177,7 +177,10 @@ def launch_plan(q_shape, kv_shape, page_table_width: int, dtype, *, interpret: b
               num_stages=num_stages or cfg["num_stages"], num_splits=num_splits)
   if num_splits > 1:
     r = merge_rows(b, nq * hq, target_programs=0 if interpret else 2 * _num_sms())
-    plan.update(merge_rows=r, merge_warps=max(1, min(4, r * d // 256)))
+    # The merge's unrolled loads are all live at once: about R*D*S values, kept to <= 128
+    # per thread; otherwise up to 4 warps, one per 256 elements of the row block.
+    warps = max(1, min(4, r * d // 256), -(-r * d * num_splits // (32 * 128)))
+    plan.update(merge_rows=r, merge_warps=min(8, _next_pow2(warps)))
   return plan
 
 
