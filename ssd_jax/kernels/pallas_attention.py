@@ -89,25 +89,32 @@ def default_config(*, rows: int, page_size: int, head_dim: int, dtype) -> dict:
   """Launch parameters for a tile of `rows` rows (already a power of two >= 16).
 
   Measured on an H100 (bench/KERNELS.md): 64-token steps beat 128 and 256 for decode, and
-  small tiles run best with 4 warps and 3 stages (two programs fit on an SM).
+  tiles of up to 64 rows run best with 4 warps and 3 stages (run 3: 70b verify B=8 ctx 4k
+  0.083-0.096 ms with 4 warps vs 0.119 with 8; 70b tree 0.14 ms in 64-row tiles with 4
+  warps vs 0.20 in 128-row tiles with 8). Bigger tiles only come from explicit block_rows.
   """
   itemsize = jnp.dtype(dtype).itemsize
   block_k = 64 if itemsize <= 2 or head_dim <= 64 else 32
-  num_warps = 4 if rows <= 32 else 8
+  num_warps = 4 if rows <= 64 else 8
   stage_bytes = 2 * block_k * head_dim * itemsize  # one K and one V block
   num_stages = 3 if 3 * stage_bytes <= 160 * 1024 else 2
   return dict(block_k=block_k, num_warps=num_warps, num_stages=num_stages)
 
 
+# Most rows (query heads of a KV group x queries) per tile by default: wider groups (70b
+# tree: 8 x 24 = 192 rows) are cut into 64-row tiles, which run faster with 4 warps than
+# 128-row tiles do with 8 even though each tile reads the KV again (run 3).
+DEFAULT_BLOCK_ROWS = 64
 # Cap on the KV splits of one program: the merge reads every split's partial result, and
 # the split count is fixed at trace time from the page table's width, which can be far
 # larger than the lengths actually present.
 MAX_SPLITS = 32
 PROGRAMS_PER_SM = 2
 # Page tables covering at most this many tokens are never split: the few serial steps a
-# program then walks cost less than the merge kernel's launch, which at small batch (the
-# draft model) is most of a call's time. The width, not the lengths, decides (it is static).
-SPLIT_MIN_TOKENS = 512
+# program then walks cost less than the merge kernel's launch. The width, not the lengths,
+# decides (it is static). Run 3 measured splitting still paying at 512 tokens (draft
+# shape, batch 1: 0.017 ms with 4 splits vs 0.026-0.031 ms with none), hence this low.
+SPLIT_MIN_TOKENS = 256
 # Each split walks at least this many inner steps (of the page table's width).
 MIN_BLOCKS_PER_SPLIT = 2
 
@@ -156,7 +163,7 @@ def launch_plan(q_shape, kv_shape, page_table_width: int, dtype, *, interpret: b
   _, page_size, hkv, _ = kv_shape
   group = hq // hkv
   rows = nq * group
-  block_rows = max(16, _next_pow2(block_rows or 128))
+  block_rows = max(16, _next_pow2(block_rows or DEFAULT_BLOCK_ROWS))
   tile = max(16, min(_next_pow2(rows), block_rows))
   n_tiles = -(-rows // tile)
   cfg = default_config(rows=tile, page_size=page_size, head_dim=d, dtype=dtype)
