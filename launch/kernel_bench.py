@@ -8,16 +8,31 @@ and lse), and times the kernel: one jitted function runs it `--inner` times back
 (each call's output is the next call's query, so nothing can be hoisted or batched), the
 median over `--repeats` runs, divided by `--inner`, is the time per call. GB/s is bytes
 over that time; "of copy" is that over the measured device copy bandwidth (max of a
-device-to-device array copy and an elementwise pass, bytes read + written).
+device-to-device array copy and an elementwise pass, bytes read + written). TF/s counts
+the useful matmul work (QK and PV over the visible positions only), to tell rows limited
+by arithmetic (big trees) from rows limited by bytes or by latency.
 
   python launch/kernel_bench.py                         # the default table
   python launch/kernel_bench.py --shapes=70b --contexts=4096 --batches=8 --modes=decode
-  python launch/kernel_bench.py --check                 # correctness vs the reference
+  python launch/kernel_bench.py --rows="70b:tree:32:4096 70b:decode,verify:1,8:16384"
+  python launch/kernel_bench.py --check --check_set=quick  # correctness vs the reference
   python launch/kernel_bench.py --sweep --shapes=8b --contexts=4096 --batches=1,8
+  python launch/kernel_bench.py --rows=none --sweep_plan="8b:decode:8:4096@splits;70b:tree:8:4096@tiles"
+
+Row specs are `shape:mode:batch:context`, each field a comma list (their product is
+taken); several specs are separated by spaces or `;`. Configs are comma lists of
+key=value (keys: k=block_k, w=num_warps, st=num_stages, sp=num_splits, r=block_rows,
+merge=pallas|xla, and n=calls per timed run, which spreads the benchmark's own dispatch of
+each timed run over more calls), several separated by `/`, or a preset name: default,
+splits, tiles, all.
+`--time_budget_s` stops starting new rows, configs and check cases once spent, so one
+call stays within a device's time limit; every result is written to --output_json as it
+comes.
 
 Shapes are whole models on one device (8b: 32 q heads / 8 KV heads; 70b: 64 / 8; head_dim
 128); under tensor parallelism of degree T each shard runs the same kernel with Hq/T and
-Hkv/T heads, i.e. the same group size on fewer heads (the *_tp shapes below).
+Hkv/T heads, i.e. the same group size on fewer heads (the *_tp shapes below). `tiny` is for
+trying the script on a CPU (interpret mode).
 """
 
 from __future__ import annotations
@@ -28,6 +43,7 @@ import json
 import statistics
 import sys
 import time
+import zlib
 
 from absl import app, flags
 
@@ -42,6 +58,8 @@ SHAPES = {  # name: (q heads, kv heads, head_dim)
     "70b": (64, 8, 128),
     "8b_tp4": (8, 2, 128),
     "70b_tp8": (8, 1, 128),
+    "draft": (9, 3, 64),  # SmolLM2-135M, the default SSD draft
+    "tiny": (4, 2, 64),
 }
 MODES = {"decode": 1, "verify": 8, "tree": 24}
 
@@ -65,13 +83,162 @@ flags.DEFINE_integer("block_rows", 0, "kernel: most rows per tile (0: default)")
 flags.DEFINE_integer("num_splits", 0, "kernel: KV splits (0: auto)")
 flags.DEFINE_integer("num_warps", 0, "kernel: Triton warps (0: default)")
 flags.DEFINE_integer("num_stages", 0, "kernel: Triton pipeline stages (0: default)")
+flags.DEFINE_enum("merge", "pallas", ["pallas", "xla"], "kernel: how KV splits are merged")
+flags.DEFINE_string("rows", None, "table rows as shape:mode:batch:context specs (fields are "
+                    "comma lists; specs separated by spaces or ;); 'none' skips the table; "
+                    "default: the product of --shapes, --contexts, --batches, --modes")
+flags.DEFINE_string("configs", "all", "--sweep configs: a preset (default, splits, tiles, "
+                    "all) or configs like 'sp=8,w=4/k=128'")
+flags.DEFINE_string("sweep_plan", None, "sweeps after the table: 'ROWS@CONFIGS' items "
+                    "separated by ; or spaces, e.g. '8b:decode:8:4096@splits'")
+flags.DEFINE_float("time_budget_s", 0, "stop starting new work after this many seconds "
+                   "(0: no limit)")
+flags.DEFINE_enum("check_set", "full", ["full", "quick"], "--check cases: all, or one of "
+                  "each kernel path (splits merged in Pallas and XLA, no split, short table)")
+
+
+KEY_ALIASES = {"k": "block_k", "w": "num_warps", "st": "num_stages", "sp": "num_splits",
+               "r": "block_rows", "merge": "merge", "n": "inner", "block_k": "block_k",
+               "num_warps": "num_warps", "num_stages": "num_stages",
+               "num_splits": "num_splits", "block_rows": "block_rows"}
+
+
+def _cfgs(text):
+  return [parse_config(c) for c in text.split("/")]
+
+
+PRESETS = {
+    "default": lambda: [{}],
+    # Split counts (8b decode B=8 ctx 4k: 8 auto in run 2, 9 in run 1), the XLA merge
+    # (the previous kernel's merge) and no split at all.
+    "splits": lambda: _cfgs("/merge=xla/sp=1/sp=2/sp=4/sp=6/sp=8/sp=9/sp=12/sp=16/sp=24/"
+                            "sp=32"),
+    # Tiles for big row counts (70b verify: 64 rows, 8 warps by default; 70b tree: 192 rows
+    # as two 128-row tiles): one warpgroup (4 warps) per 64 rows, pipeline depth, wider or
+    # narrower K blocks, 3 tiles of 64 rows, one tile of 256 rows.
+    "tiles": lambda: _cfgs("/w=4/st=2/st=4/k=32/k=128,st=2/k=128,w=4,st=2/r=64/r=64,w=4/"
+                           "r=256,k=32/r=256,k=32,st=2"),
+    # The earlier generic grid.
+    "all": lambda: _cfgs("k=32,w=4,st=3/k=64,w=4,st=2/k=64,w=4,st=3/k=64,w=4,st=4/"
+                         "k=64,w=8,st=3/k=128,w=4,st=3/k=128,w=8,st=2/sp=1/sp=2/sp=4/sp=8/"
+                         "sp=16/sp=32/sp=64/r=32/r=64"),
+}
+
+
+def parse_config(text: str) -> dict:
+  """'sp=8,w=4' -> {'num_splits': 8, 'num_warps': 4}; '' -> {} (the defaults)."""
+  cfg = {}
+  for item in filter(None, (t.strip() for t in text.split(","))):
+    key, sep, value = item.partition("=")
+    if not sep or key.strip() not in KEY_ALIASES:
+      raise ValueError(f"config item {item!r}: use key=value with key in "
+                       f"{sorted(KEY_ALIASES)}")
+    key = KEY_ALIASES[key.strip()]
+    cfg[key] = value.strip() if key == "merge" else int(value)
+  return cfg
+
+
+def parse_configs(text: str) -> list[dict]:
+  text = text.strip()
+  return PRESETS[text]() if text in PRESETS else _cfgs(text)
+
+
+def _split_specs(text: str) -> list[str]:
+  return [t for t in text.replace(";", " ").split() if t]
+
+
+def parse_rows(text: str) -> list[tuple[str, str, int, int]]:
+  """'8b,70b:decode:1,8:4096' -> [(shape, mode, batch, context), ...] in table order
+  (shape, context, batch, mode); 'none' -> []."""
+  if text.strip().lower() == "none":
+    return []
+  rows = []
+  for spec in _split_specs(text):
+    fields = spec.split(":")
+    if len(fields) != 4:
+      raise ValueError(f"row spec {spec!r}: use shape:mode:batch:context")
+    shapes, modes, batches, ctxs = (f.split(",") for f in fields)
+    for name in shapes:
+      if name not in SHAPES:
+        raise ValueError(f"shape {name!r}: use one of {', '.join(SHAPES)}")
+    for m in modes:
+      if m not in MODES:
+        raise ValueError(f"mode {m!r}: use one of {', '.join(MODES)}")
+    for shape in shapes:
+      for ctx in map(int, ctxs):
+        for batch in map(int, batches):
+          rows += [(shape, mode, batch, ctx) for mode in modes]
+  return rows
+
+
+def parse_plan(text: str) -> list[tuple[tuple[str, str, int, int], list[dict]]]:
+  """'ROWS@CONFIGS ...' -> [(row, configs), ...]."""
+  plan = []
+  for item in _split_specs(text):
+    rows, sep, cfgs = item.partition("@")
+    configs = parse_configs(cfgs) if sep else [{}]
+    plan += [(row, configs) for row in parse_rows(rows)]
+  return plan
+
+
+def _unique(rows):
+  return list(dict.fromkeys(rows))
+
+
+def default_rows():
+  return parse_rows(":".join(",".join(x) for x in (FLAGS.shapes, FLAGS.modes,
+                                                   FLAGS.batches, FLAGS.contexts)))
 
 
 def kernel_kwargs(**over):
   kw = dict(block_k=FLAGS.block_k, block_rows=FLAGS.block_rows, num_splits=FLAGS.num_splits,
             num_warps=FLAGS.num_warps, num_stages=FLAGS.num_stages)
   kw.update(over)
-  return {k: v for k, v in kw.items() if v}
+  kw = {k: v for k, v in kw.items() if v and k not in ("merge", "inner")}
+  merge = over.get("merge", FLAGS.merge)
+  if merge != "pallas":
+    kw["merge"] = merge
+  return kw
+
+
+_T0 = time.perf_counter()
+
+
+def elapsed() -> float:
+  return time.perf_counter() - _T0
+
+
+def out_of_time() -> bool:
+  return bool(FLAGS.time_budget_s) and elapsed() > FLAGS.time_budget_s
+
+
+def plan_of(shape, batch, ctx, nq, ps, dtype, kw):
+  """The kernel's launch plan for this row (what the defaults chose), for the record."""
+  hq, hkv, d = SHAPES[shape]
+  pages = -(-ctx // ps)
+  plan_kw = {k: v for k, v in kw.items() if k != "merge"}
+  try:
+    plan = pallas_attention.launch_plan(
+        (batch, nq, hq, d), (batch * pages + 1, ps, hkv, d), pages, dtype,
+        interpret=jax.default_backend() != "gpu", **plan_kw)
+  except Exception as e:  # pylint: disable=broad-except
+    return {"error": str(e)[:200]}
+  if plan["num_splits"] > 1 and kw.get("merge") == "xla":
+    plan = {k: v for k, v in plan.items() if not k.startswith("merge_")}
+    plan["merge"] = "xla"
+  return plan
+
+
+def plan_str(p):
+  if "error" in p:
+    return "plan error"
+  s = f"r{p['tile']}x{p['n_tiles']} k{p['block_k']} w{p['num_warps']} st{p['num_stages']} "
+  s += f"sp{p['num_splits']}"
+  if "merge_rows" in p:
+    s += f" m{p['merge_rows']}"
+  elif p.get("merge") == "xla":
+    s += " mxla"
+  return s
 
 
 # ----------------------------------------------------------------------------- timing
@@ -115,7 +282,13 @@ def inner_calls(nbytes):
 
 
 def looped(attn, inner):
-  """jit(run `attn` `inner` times, feeding each output back in as the next query)."""
+  """jit(run `attn` `inner` times, feeding each output back in as the next query).
+
+  `attn` is jitted on its own, so the `inner` identical calls are lowered (and compiled by
+  Triton) once, as a model's layers are.
+  """
+  attn = jax.jit(attn)
+
   def run(q, k, v, pt, lim):
     lse_sum = jnp.zeros((), jnp.float32)
     for _ in range(inner):
@@ -140,26 +313,22 @@ def make_pool(key, shape, batch, ctx, page_size, dtype):
   return k, v, perm.reshape(batch, pages_per_seq).astype(jnp.int32)
 
 
+def limits(ctx, nq):
+  """Decode sees ctx; verify is the causal K+1 window ending at ctx; tree branches hang off
+  the last 8 positions."""
+  i = np.arange(nq, dtype=np.int32)
+  if nq == 1:
+    return np.full((nq,), ctx, np.int32)
+  if nq <= 16:
+    return ctx - nq + 1 + i
+  return ctx - i % 8
+
+
 def make_queries(key, shape, batch, ctx, nq, dtype):
-  """Queries and limits: decode sees ctx; verify is the causal K+1 window ending at ctx;
-  tree branches hang off the last 8 positions."""
   hq, _, d = SHAPES[shape]
   q = jax.random.normal(key, (batch, nq, hq, d), dtype)
-  i = jnp.arange(nq, dtype=jnp.int32)
-  if nq == 1:
-    lim = jnp.full((nq,), ctx, jnp.int32)
-  elif nq <= 16:
-    lim = ctx - nq + 1 + i
-  else:
-    lim = ctx - i % 8
+  lim = jnp.asarray(limits(ctx, nq))
   return q, jnp.broadcast_to(lim, (batch, nq))
-
-
-def make_case(key, shape, batch, ctx, nq, page_size, dtype):
-  k1, k2 = jax.random.split(key)
-  k, v, pt = make_pool(k1, shape, batch, ctx, page_size, dtype)
-  q, lim = make_queries(k2, shape, batch, ctx, nq, dtype)
-  return q, k, v, pt, lim
 
 
 def bytes_moved(shape, batch, ctx, nq, page_size, itemsize):
@@ -168,6 +337,12 @@ def bytes_moved(shape, batch, ctx, nq, page_size, itemsize):
   kv = 2 * batch * visible * hkv * d * itemsize
   qo = 2 * batch * nq * hq * d * itemsize + batch * nq * hq * 4
   return kv + qo
+
+
+def useful_flops(shape, batch, ctx, nq):
+  """QK^T and PV over the positions each query may see (2 flops per multiply-add)."""
+  hq, _, d = SHAPES[shape]
+  return 4 * batch * hq * d * int(limits(ctx, nq).sum())
 
 
 def ref_bytes_needed(shape, batch, ctx, nq, itemsize):
@@ -186,132 +361,187 @@ def _save(out):
       json.dump(out, f, indent=1)
 
 
-def bench_table(bw, rows):
+class Pools:
+  """Keeps the last page pool: consecutive rows of one shape, context and batch share it."""
+
+  def __init__(self):
+    self.key, self.arrays = None, None
+
+  def get(self, shape, batch, ctx, dtype):
+    key = (shape, batch, ctx, FLAGS.page_size, dtype.name)
+    if key != self.key:
+      self.arrays = None  # free the previous pool first
+      seed = jax.random.PRNGKey(zlib.crc32(repr(key[:3]).encode()))
+      self.arrays = make_pool(seed, shape, batch, ctx, FLAGS.page_size, dtype), seed
+      self.key = key
+    return self.arrays
+
+
+def measure(bw, pools, shape, mode, batch, ctx, kw, *, with_ref, inner=None):
+  """Times one row with kernel arguments `kw`; returns the result dict."""
   dtype = jnp.dtype(FLAGS.dtype)
   ps = FLAGS.page_size
-  key = jax.random.PRNGKey(0)
-  kern = functools.partial(pallas_attention.paged_attention, **kernel_kwargs())
-  for shape in FLAGS.shapes:
-    hq, hkv, d = SHAPES[shape]
-    scale = d ** -0.5
-    for ctx in map(int, FLAGS.contexts):
-      for batch in map(int, FLAGS.batches):
-        key, k1, k2 = jax.random.split(key, 3)
-        k, v, pt = make_pool(k1, shape, batch, ctx, ps, dtype)
-        for mode in FLAGS.modes:
-          nq = MODES[mode]
-          q, lim = make_queries(k2, shape, batch, ctx, nq, dtype)
-          nbytes = bytes_moved(shape, batch, ctx, nq, ps, dtype.itemsize)
-          inner = inner_calls(nbytes)
-          row = dict(shape=shape, mode=mode, q=nq, batch=batch, context=ctx, page_size=ps,
-                     dtype=dtype.name, bytes=nbytes, inner=inner)
-          try:
-            t0 = time.perf_counter()
-            f = looped(lambda *a: kern(*a, scale=scale), inner)
-            jax.block_until_ready(f(q, k, v, pt, lim))
-            row["compile_s"] = time.perf_counter() - t0
-            t = _time(f, (q, k, v, pt, lim), FLAGS.repeats) / inner
-            row.update(ms=t * 1e3, gbps=nbytes / t / 1e9, frac=nbytes / t / bw)
-          except Exception as e:  # pylint: disable=broad-except
-            row.update(error=f"{type(e).__name__}: {str(e)[:300]}")
-          need = ref_bytes_needed(shape, batch, ctx, nq, dtype.itemsize)
-          if FLAGS.reference and need <= FLAGS.ref_mem_gb * 1e9:
-            try:
-              fr = looped(lambda *a: reference.paged_attention(*a, scale=scale), 1)
-              tr = _time(fr, (q, k, v, pt, lim), max(3, FLAGS.repeats // 2))
-              row.update(ref_ms=tr * 1e3)
-              if "ms" in row and FLAGS.verify:
-                o, lse = jax.jit(functools.partial(kern, scale=scale))(q, k, v, pt, lim)
-                ro, rlse = fr(q, k, v, pt, lim)
-                row["rel_err"] = float(jnp.linalg.norm((o - ro).astype(jnp.float32))
-                                       / jnp.linalg.norm(ro.astype(jnp.float32)))
-            except Exception as e:  # pylint: disable=broad-except
-              row.update(ref_error=f"{type(e).__name__}: {str(e)[:200]}")
-          rows.append(row)
-          print(fmt_row(row), flush=True)
-          _save(_OUT)
-        del k, v
+  hq, hkv, d = SHAPES[shape]
+  scale = d ** -0.5
+  nq = MODES[mode]
+  (k, v, pt), seed = pools.get(shape, batch, ctx, dtype)
+  q, lim = make_queries(jax.random.fold_in(seed, nq), shape, batch, ctx, nq, dtype)
+  nbytes = bytes_moved(shape, batch, ctx, nq, ps, dtype.itemsize)
+  flops = useful_flops(shape, batch, ctx, nq)
+  inner = inner or inner_calls(nbytes)
+  row = dict(shape=shape, mode=mode, q=nq, batch=batch, context=ctx, page_size=ps,
+             dtype=dtype.name, bytes=nbytes, flops=flops, inner=inner, kernel=kw,
+             plan=plan_of(shape, batch, ctx, nq, ps, dtype, kw))
+  kern = functools.partial(pallas_attention.paged_attention, scale=scale, **kw)
+  try:
+    t0 = time.perf_counter()
+    f = looped(kern, inner)
+    jax.block_until_ready(f(q, k, v, pt, lim))
+    row["compile_s"] = time.perf_counter() - t0
+    t = _time(f, (q, k, v, pt, lim), FLAGS.repeats) / inner
+    row.update(ms=t * 1e3, gbps=nbytes / t / 1e9, frac=nbytes / t / bw,
+               tflops=flops / t / 1e12)
+  except Exception as e:  # pylint: disable=broad-except
+    row.update(error=f"{type(e).__name__}: {str(e)[:300]}")
+  need = ref_bytes_needed(shape, batch, ctx, nq, dtype.itemsize)
+  if with_ref and FLAGS.reference and need <= FLAGS.ref_mem_gb * 1e9:
+    try:
+      fr = looped(lambda *a: reference.paged_attention(*a, scale=scale), 1)
+      tr = _time(fr, (q, k, v, pt, lim), max(3, FLAGS.repeats // 2))
+      row.update(ref_ms=tr * 1e3)
+      if "ms" in row and FLAGS.verify:
+        o, _ = jax.jit(kern)(q, k, v, pt, lim)
+        ro, _ = jax.jit(functools.partial(reference.paged_attention, scale=scale))(
+            q, k, v, pt, lim)
+        row["rel_err"] = float(jnp.linalg.norm((o - ro).astype(jnp.float32))
+                               / jnp.linalg.norm(ro.astype(jnp.float32)))
+    except Exception as e:  # pylint: disable=broad-except
+      row.update(ref_error=f"{type(e).__name__}: {str(e)[:200]}")
+  return row
+
+
+def progress(i, n):
+  return f"[{i}/{n} {elapsed():5.0f}s]"
+
+
+def bench_table(bw, rows, specs):
+  pools = Pools()
+  kw = kernel_kwargs()
+  for i, (shape, mode, batch, ctx) in enumerate(specs, 1):
+    if out_of_time():
+      _OUT.setdefault("skipped_rows", []).append(f"{shape}:{mode}:{batch}:{ctx}")
+      print(f"{progress(i, len(specs))} skip {shape} {mode} B={batch} ctx={ctx}: time "
+            "budget spent", flush=True)
+      continue
+    row = measure(bw, pools, shape, mode, batch, ctx, kw, with_ref=True)
+    rows.append(row)
+    print(f"{progress(i, len(specs))} {fmt_row(row)}", flush=True)
+    _save(_OUT)
   return rows
 
 
-HEADER = (f"{'shape':8} {'mode':6} {'Q':>3} {'B':>3} {'ctx':>6} {'MB':>8} {'ms':>8} "
-          f"{'GB/s':>7} {'copy%':>6} {'xla ms':>8} {'speedup':>7} {'rel err':>8}")
+HEADER = (f"{'':13} {'shape':7} {'mode':6} {'Q':>3} {'B':>3} {'ctx':>6} {'MB':>7} "
+          f"{'ms':>8} {'GB/s':>6} {'copy%':>6} {'TF/s':>6} {'xla ms':>7} {'vs xla':>6} "
+          f"{'rel err':>8}  plan")
 
 
 def fmt_row(r):
+  head = f"{r['shape']:7} {r['mode']:6} {r['q']:>3} {r['batch']:>3} {r['context']:>6}"
   if "error" in r:
-    return (f"{r['shape']:8} {r['mode']:6} {r['q']:>3} {r['batch']:>3} {r['context']:>6} "
-            f"ERROR {r['error']}")
-  ref = f"{r['ref_ms']:8.3f}" if "ref_ms" in r else f"{'skip':>8}"
-  sp = f"{r['ref_ms'] / r['ms']:7.1f}" if "ref_ms" in r else f"{'':>7}"
+    return f"{head} ERROR {r['error']}"
+  ref = f"{r['ref_ms']:7.3f}" if "ref_ms" in r else f"{'skip':>7}"
+  sp = f"{r['ref_ms'] / r['ms']:6.1f}" if "ref_ms" in r else f"{'':>6}"
   err = f"{r['rel_err']:8.1e}" if "rel_err" in r else f"{'':>8}"
-  return (f"{r['shape']:8} {r['mode']:6} {r['q']:>3} {r['batch']:>3} {r['context']:>6} "
-          f"{r['bytes'] / 1e6:8.1f} {r['ms']:8.4f} {r['gbps']:7.0f} {100 * r['frac']:5.1f}% "
-          f"{ref} {sp} {err}  (x{r['inner']}, compile {r.get('compile_s', 0):.1f}s)")
+  return (f"{head} {r['bytes'] / 1e6:7.1f} {r['ms']:8.4f} {r['gbps']:6.0f} "
+          f"{100 * r['frac']:5.1f}% {r['tflops']:6.1f} {ref} {sp} {err}  "
+          f"{plan_str(r['plan'])} (x{r['inner']}, compile {r.get('compile_s', 0):.1f}s)")
 
 
 # ----------------------------------------------------------------------------- sweep
 
 
-def sweep(bw, results):
-  dtype = jnp.dtype(FLAGS.dtype)
-  ps = FLAGS.page_size
-  configs = [dict(block_k=bk, num_warps=nw, num_stages=ns)
-             for bk, nw, ns in ((32, 4, 3), (64, 4, 2), (64, 4, 3), (64, 4, 4), (64, 8, 3),
-                                (128, 4, 3), (128, 8, 2))]
-  configs += [dict(num_splits=s) for s in (1, 2, 4, 8, 16, 32, 64)]
-  configs += [dict(block_rows=r) for r in (32, 64)]
-  key = jax.random.PRNGKey(1)
-  for shape in FLAGS.shapes:
-    d = SHAPES[shape][2]
-    for ctx in map(int, FLAGS.contexts):
-      for batch in map(int, FLAGS.batches):
-        for mode in FLAGS.modes:
-          nq = MODES[mode]
-          key, sub = jax.random.split(key)
-          args = make_case(sub, shape, batch, ctx, nq, ps, dtype)
-          nbytes = bytes_moved(shape, batch, ctx, nq, ps, dtype.itemsize)
-          inner = inner_calls(nbytes)
-          for cfg in configs:
-            kern = functools.partial(pallas_attention.paged_attention, scale=d ** -0.5,
-                                     **kernel_kwargs(**cfg))
-            try:
-              t = _time(looped(kern, inner), args, FLAGS.repeats) / inner
-              res = dict(ms=t * 1e3, frac=nbytes / t / bw)
-            except Exception as e:  # pylint: disable=broad-except
-              res = dict(error=f"{type(e).__name__}: {str(e)[:200]}")
-            results.append(dict(shape=shape, mode=mode, batch=batch, context=ctx,
-                                config=cfg, **res))
-            msg = (f"{res['ms']:.4f} ms {100 * res['frac']:5.1f}%" if "ms" in res
-                   else res["error"])
-            print(f"sweep {shape} {mode} B={batch} ctx={ctx} {cfg}: {msg}", flush=True)
-            _save(_OUT)
+def sweep(bw, results, plan):
+  """plan: [(row, configs)]; each config's result is one entry of `results`."""
+  pools = Pools()
+  n = sum(len(cfgs) for _, cfgs in plan)
+  i = 0
+  for (shape, mode, batch, ctx), configs in plan:
+    for cfg in configs:
+      i += 1
+      tag = f"{shape} {mode} B={batch} ctx={ctx} {cfg or 'defaults'}"
+      if out_of_time():
+        _OUT.setdefault("skipped_sweeps", []).append(tag)
+        print(f"{progress(i, n)} sweep skip {tag}: time budget spent", flush=True)
+        continue
+      row = measure(bw, pools, shape, mode, batch, ctx, kernel_kwargs(**cfg),
+                    with_ref=False, inner=cfg.get("inner"))
+      row["config"] = cfg
+      results.append(row)
+      msg = (f"{row['ms']:.4f} ms {100 * row['frac']:5.1f}% {row['tflops']:5.1f} TF/s  "
+             f"{plan_str(row['plan'])} (x{row['inner']}, compile {row['compile_s']:.1f}s)"
+             if "ms" in row else row["error"])
+      print(f"{progress(i, n)} sweep {tag}: {msg}", flush=True)
+      _save(_OUT)
   return results
 
 
 # ----------------------------------------------------------------------------- check
 
 
-def check():
-  """Compiled kernel vs reference: every mode, dtypes, head dims, page sizes, GQA groups,
-  ragged limits, shuffled pages, poisoned unused pages and slots, kv_limit == 0 rows."""
-  rng = np.random.default_rng(0)
+# (dtype, Q, Hq, Hkv, head_dim, page_size, splits, extra): extra may set block_k,
+# block_rows, num_warps, merge, and ctx (tokens of page table per sequence, default ~700).
+def check_cases(which):
   cases = []
   shapes = ((1, 8, 8, 64, 16), (1, 32, 8, 128, 64), (1, 64, 8, 128, 256), (8, 32, 8, 128, 16),
             (8, 16, 2, 64, 64), (24, 32, 8, 128, 64), (24, 8, 8, 64, 16),
             (24, 64, 8, 128, 32), (200, 8, 2, 128, 64))
   for i, shp in enumerate(shapes):
-    cases.append(("bfloat16", *shp, (None, 3)[i % 2]))
-    cases.append(("float32", *shp, (3, None)[i % 2]))
-  cases.append(("bfloat16", 1, 32, 8, 128, 16, None, 64))  # gathered multi-page blocks
-  cases.append(("bfloat16", 24, 32, 8, 128, 16, 2, 128))
-  cases.append(("bfloat16", 1, 32, 8, 128, 256, 2, 64))  # blocks of a quarter page
-  cases.append(("float32", 8, 16, 2, 64, 64, None, 32))
-  failures = 0
-  for c in cases:
-    dtype, nq, hq, hkv, d, ps, splits = c[:7]
-    bk = c[7] if len(c) > 7 else None
-    b, pages_per_seq = 3, max(2, 700 // ps + 1)
+    cases.append(("bfloat16", *shp, (None, 3)[i % 2], {}))
+    cases.append(("float32", *shp, (3, None)[i % 2], {}))
+  cases.append(("bfloat16", 1, 32, 8, 128, 16, None, dict(block_k=64)))  # gathered pages
+  cases.append(("bfloat16", 24, 32, 8, 128, 16, 2, dict(block_k=128)))
+  cases.append(("bfloat16", 1, 32, 8, 128, 256, 2, dict(block_k=64)))  # quarter pages
+  cases.append(("float32", 8, 16, 2, 64, 64, None, dict(block_k=32)))
+  # The merge kernel and the split policy: the most splits (32), a split count that is
+  # not a power of two merged in Pallas and in XLA, a short table (auto: no split), the
+  # draft's shape (9 rows per query: the merge takes one row per program), and the tile
+  # knobs the `tiles` sweep tries on 70b verify / tree.
+  new = [
+      ("float32", 1, 32, 8, 128, 16, 32, dict(ctx=2100)),
+      ("bfloat16", 1, 32, 8, 128, 64, 5, dict(merge="xla")),
+      ("bfloat16", 1, 32, 8, 128, 64, 5, {}),
+      ("bfloat16", 1, 32, 8, 128, 64, None, dict(ctx=400)),
+      ("bfloat16", 1, 9, 3, 64, 64, 3, {}),
+      ("float32", 8, 64, 8, 128, 64, None, {}),
+      ("bfloat16", 8, 64, 8, 128, 64, None, dict(block_k=128, num_warps=4)),
+      ("bfloat16", 24, 64, 8, 128, 64, None, dict(block_rows=64, num_warps=4)),
+      ("bfloat16", 24, 64, 8, 128, 64, 2, dict(block_rows=256, block_k=32)),
+  ]
+  if which == "quick":
+    # The default paths the merge kernel and the split policy touch: auto splits for GQA
+    # decode (merge of 1 row per program) and for a two-tile 70b tree (16 rows per merge
+    # program), 32 splits, 5 splits, a short table (no split), the draft's shape.
+    return [cases[3], cases[15]] + new[:1] + new[2:5]
+  return cases + new
+
+
+def check():
+  """Compiled kernel vs reference: every mode, dtypes, head dims, page sizes, GQA groups,
+  ragged limits, shuffled pages, poisoned unused pages and slots, kv_limit == 0 rows."""
+  rng = np.random.default_rng(0)
+  cases = check_cases(FLAGS.check_set)
+  failures = done = 0
+  for n, c in enumerate(cases, 1):
+    dtype, nq, hq, hkv, d, ps, splits, extra = c
+    extra = dict(extra)
+    ctx = extra.pop("ctx", 700)
+    tag = (f"{dtype} Q={nq} Hq={hq} Hkv={hkv} D={d} ps={ps} splits={splits} ctx~{ctx} "
+           f"{extra}")
+    if out_of_time():
+      print(f"{progress(n, len(cases))} check skip {tag}: time budget spent", flush=True)
+      _OUT.setdefault("check", []).append(dict(case=tag, skipped=True))
+      continue
+    b, pages_per_seq = 3, max(2, ctx // ps + 1)
     dt = jnp.dtype(dtype)
     num_pages = b * pages_per_seq + 5
     q = rng.standard_normal((b, nq, hq, d)).astype(np.float32)
@@ -328,10 +558,10 @@ def check():
     clean_k, clean_v = k.copy(), v.copy()
     used = np.zeros((num_pages, ps), bool)
     for i in range(b):
-      n = int(lim[i].max())
+      m = int(lim[i].max())
       for p in range(pages_per_seq):
         lo = p * ps
-        used[pt[i, p], :max(0, min(ps, n - lo))] = True
+        used[pt[i, p], :max(0, min(ps, m - lo))] = True
     k[~used] = np.nan
     v[~used] = np.nan
     clean_k[~used] = 0.0
@@ -340,25 +570,36 @@ def check():
                                                        jnp.asarray(lim, jnp.int32)]
     ref_args = [jnp.asarray(x, dt) for x in (q, clean_k, clean_v)] + args[3:]
     scale = d ** -0.5
-    tag = f"{dtype} Q={nq} Hq={hq} Hkv={hkv} D={d} ps={ps} splits={splits} block_k={bk}"
+    plan = pallas_attention.launch_plan(
+        q.shape, k.shape, pages_per_seq, dt, num_splits=splits,
+        interpret=jax.default_backend() != "gpu",
+        **{key: val for key, val in extra.items() if key != "merge"})
     try:
       o, lse = jax.jit(functools.partial(pallas_attention.paged_attention, scale=scale,
-                                         num_splits=splits, block_k=bk))(*args)
+                                         num_splits=splits, **extra))(*args)
       with jax.default_matmul_precision("highest"):  # no TF32 in the float32 reference
         ro, rlse = jax.jit(functools.partial(reference.paged_attention, scale=scale))(
             *ref_args)
       o, ro = np.asarray(o, np.float32), np.asarray(ro, np.float32)
       err = np.linalg.norm(o - ro) / np.linalg.norm(ro)
       lse_ok = np.allclose(np.asarray(lse), np.asarray(rlse), rtol=1e-4, atol=1e-3)
+      empty_ok = bool(np.all(o[lim == 0] == 0.0))
       tol = 1e-5 if dtype == "float32" else 2e-2
-      ok = err < tol and lse_ok and np.isfinite(o).all()
-      print(f"check {'OK  ' if ok else 'FAIL'} {tag}: rel err {err:.2e} lse ok {lse_ok}",
+      ok = err < tol and lse_ok and empty_ok and np.isfinite(o).all()
+      _OUT.setdefault("check", []).append(dict(case=tag, ok=bool(ok), rel_err=float(err),
+                                               lse_ok=bool(lse_ok), plan=plan))
+      print(f"{progress(n, len(cases))} check {'OK  ' if ok else 'FAIL'} {tag} "
+            f"[{plan_str(plan)}]: rel err {err:.2e} lse ok {lse_ok} empty rows 0 {empty_ok}",
             flush=True)
     except Exception as e:  # pylint: disable=broad-except
       ok = False
-      print(f"check FAIL {tag}: {type(e).__name__}: {str(e)[:1500]}", flush=True)
+      _OUT.setdefault("check", []).append(dict(case=tag, ok=False, plan=plan,
+                                               error=f"{type(e).__name__}: {str(e)[:300]}"))
+      print(f"{progress(n, len(cases))} check FAIL {tag}: {type(e).__name__}: "
+            f"{str(e)[:1500]}", flush=True)
     failures += not ok
-  print(f"check: {len(cases) - failures}/{len(cases)} passed", flush=True)
+    done += 1
+  print(f"check: {done - failures}/{done} passed ({len(cases) - done} skipped)", flush=True)
   return failures
 
 
@@ -367,32 +608,46 @@ _OUT = {}
 
 def main(argv):
   del argv
+  table_rows = _unique(default_rows() if FLAGS.rows is None else parse_rows(FLAGS.rows))
+  plan = parse_plan(FLAGS.sweep_plan) if FLAGS.sweep_plan else []
+  if FLAGS.sweep:  # the classic sweep: the table's rows x --configs, instead of the table
+    plan = [(row, parse_configs(FLAGS.configs)) for row in table_rows] + plan
+    table_rows = []
   dev = jax.devices()[0]
   info = dict(device=str(dev), device_kind=dev.device_kind, jax=jax.__version__,
               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               argv=sys.argv, page_size=FLAGS.page_size, dtype=FLAGS.dtype,
-              kernel=kernel_kwargs())
+              kernel=kernel_kwargs(), time_budget_s=FLAGS.time_budget_s,
+              split_min_tokens=pallas_attention.SPLIT_MIN_TOKENS)
   print(json.dumps(info), flush=True)
+  print(f"{len(table_rows)} table rows, {sum(len(c) for _, c in plan)} sweep configs",
+        flush=True)
   _OUT["info"] = info
   if FLAGS.check:
     _OUT["check_failures"] = check()
     _save(_OUT)
+  if not table_rows and not plan:
+    if _OUT.get("check_failures"):
+      sys.exit(f"check: {_OUT['check_failures']} case(s) failed")
+    return
   bw = copy_bandwidth()
   _OUT["copy_bandwidth"] = bw
   print(f"copy bandwidth: {bw['best'] / 1e9:.0f} GB/s (copy {bw['copy'] / 1e9:.0f}, "
         f"elementwise {bw['elementwise'] / 1e9:.0f})", flush=True)
-  if FLAGS.sweep:
-    _OUT["sweep"] = []
-    sweep(bw["best"], _OUT["sweep"])
-  else:
+  if table_rows:
     print(HEADER, flush=True)
     _OUT["rows"] = []
-    bench_table(bw["best"], _OUT["rows"])
+    bench_table(bw["best"], _OUT["rows"], table_rows)
+  if plan:
+    _OUT["sweep"] = []
+    sweep(bw["best"], _OUT["sweep"], plan)
   # Measured again at the end, warm: fractions above used the first measurement.
   _OUT["copy_bandwidth_end"] = copy_bandwidth()
-  print(f"copy bandwidth at the end: {_OUT['copy_bandwidth_end']['best'] / 1e9:.0f} GB/s",
-        flush=True)
+  print(f"copy bandwidth at the end: {_OUT['copy_bandwidth_end']['best'] / 1e9:.0f} GB/s "
+        f"({elapsed():.0f}s in all)", flush=True)
   _save(_OUT)
+  if _OUT.get("check_failures"):
+    sys.exit(f"check: {_OUT['check_failures']} case(s) failed")
 
 
 if __name__ == "__main__":

@@ -111,11 +111,16 @@ CASES = [
     ("tree", 24, 8, 2, 64, 64, 3, "bfloat16", dict(block_k=16)),  # 2 row tiles, 1/4 pages
     ("tree", 24, 16, 2, 64, 16, 6, "float32", dict(block_k=32, num_splits=2)),  # 2 pages/step
     ("causal", 40, 4, 2, 64, 16, 6, "float32", dict(block_rows=32)),       # prefill chunk
+    # Split merge kernel: 5 splits (not a power of two) over 9 rows per query (the draft's
+    # 9 q / 3 KV heads: one row per merge program), and the XLA merge kept to compare with.
+    ("decode", 1, 9, 3, 64, 16, 7, "bfloat16", dict(num_splits=5)),
+    ("causal", 4, 8, 2, 64, 16, 6, "float32", dict(num_splits=3, merge="xla")),
 ]
 
 
 def _case_id(c):
-  return f"{c[0]}-q{c[1]}-g{c[2] // c[3]}-d{c[4]}-p{c[5]}-{c[7]}"
+  tag = "".join(f"-{k}{v}" for k, v in c[8].items())
+  return f"{c[0]}-q{c[1]}-h{c[2]}-g{c[2] // c[3]}-d{c[4]}-p{c[5]}-{c[7]}{tag}"
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
@@ -131,6 +136,30 @@ def test_matches_reference(case):
   ref_out, ref_lse = ref_attention(*ref_args, scale=scale)
   assert out.dtype == args[0].dtype
   assert_matches(out, lse, ref_out, ref_lse, lim, dtype)
+
+
+def test_split_policy():
+  """Splits only where the grid is small and the page table long; the merge kernel's row
+  blocks are powers of two dividing the rows."""
+  plan = functools.partial(pallas_attention.launch_plan, dtype=jnp.bfloat16)
+  # Batch-1 decode over 4k tokens (8b: 8 KV heads): split to fill the GPU.
+  p = plan((1, 1, 32, 128), (1000, 64, 8, 128), 64)
+  assert p["num_splits"] > 1 and 32 % p["merge_rows"] == 0
+  # A page table of <= SPLIT_MIN_TOKENS tokens (the draft's short contexts): no split,
+  # whatever the batch.
+  short = pallas_attention.SPLIT_MIN_TOKENS // 64
+  for b in (1, 4):
+    p = plan((b, 1, 9, 64), (1000, 64, 3, 64), short)
+    assert p["num_splits"] == 1 and "merge_rows" not in p
+  # A grid of many waves: no split.
+  p = plan((256, 24, 64, 128), (10000, 64, 8, 128), 64)
+  assert p["num_splits"] == 1
+  # Interpret mode (CPU) never splits unless asked to.
+  assert plan((1, 1, 32, 128), (1000, 64, 8, 128), 64, interpret=True)["num_splits"] == 1
+  assert plan((1, 1, 32, 128), (1000, 64, 8, 128), 64, num_splits=3)["num_splits"] == 3
+  for rows in (1, 9, 24, 32, 768):
+    r = pallas_attention.merge_rows(2, rows, target_programs=264)
+    assert rows % r == 0 and r & (r - 1) == 0
 
 
 def test_limit_beyond_capacity_and_padding_pages():

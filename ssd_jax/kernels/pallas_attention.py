@@ -25,7 +25,11 @@ How the work is cut:
   GPU would idle, so the page range of each program is also cut into `num_splits` parts
   (cut at run time from the actual length, so every split gets an equal share of the
   pages really visible) whose partial results are merged afterwards with their
-  log-sum-exp (flash decoding). The merge is the only XLA work around the kernel.
+  log-sum-exp (flash decoding). The merge is a second, tiny Pallas kernel (one launch,
+  where XLA needed several fusions: at batch 1 a call is bound by launches, not bytes).
+  Without splits (big grids, or page tables of <= `SPLIT_MIN_TOKENS` tokens, e.g. the
+  draft model's short contexts) the attention kernel writes the final outputs itself and
+  is the only kernel of the call.
 
 Positions that a row may not see never reach the result: their scores are replaced before
 the softmax and their V rows are zeroed before the second matmul, so garbage or NaN in
@@ -85,21 +89,34 @@ def default_config(*, rows: int, page_size: int, head_dim: int, dtype) -> dict:
   """Launch parameters for a tile of `rows` rows (already a power of two >= 16).
 
   Measured on an H100 (bench/KERNELS.md): 64-token steps beat 128 and 256 for decode, and
-  small tiles run best with 4 warps and 3 stages (two programs fit on an SM).
+  tiles of up to 64 rows run best with 4 warps and 3 stages (run 3: 70b verify B=8 ctx 4k
+  0.083-0.096 ms with 4 warps vs 0.119 with 8; 70b tree 0.14 ms in 64-row tiles with 4
+  warps vs 0.20 in 128-row tiles with 8). Bigger tiles only come from explicit block_rows.
   """
   itemsize = jnp.dtype(dtype).itemsize
   block_k = 64 if itemsize <= 2 or head_dim <= 64 else 32
-  num_warps = 4 if rows <= 32 else 8
+  num_warps = 4 if rows <= 64 else 8
   stage_bytes = 2 * block_k * head_dim * itemsize  # one K and one V block
   num_stages = 3 if 3 * stage_bytes <= 160 * 1024 else 2
   return dict(block_k=block_k, num_warps=num_warps, num_stages=num_stages)
 
 
+# Most rows (query heads of a KV group x queries) per tile by default: wider groups (70b
+# tree: 8 x 24 = 192 rows) are cut into 64-row tiles, which run faster with 4 warps than
+# 128-row tiles do with 8 even though each tile reads the KV again (run 3).
+DEFAULT_BLOCK_ROWS = 64
 # Cap on the KV splits of one program: the merge reads every split's partial result, and
 # the split count is fixed at trace time from the page table's width, which can be far
 # larger than the lengths actually present.
 MAX_SPLITS = 32
 PROGRAMS_PER_SM = 2
+# Page tables covering at most this many tokens are never split: the few serial steps a
+# program then walks cost less than the merge kernel's launch. The width, not the lengths,
+# decides (it is static). Run 3 measured splitting still paying at 512 tokens (draft
+# shape, batch 1: 0.017 ms with 4 splits vs 0.026-0.031 ms with none), hence this low.
+SPLIT_MIN_TOKENS = 256
+# Each split walks at least this many inner steps (of the page table's width).
+MIN_BLOCKS_PER_SPLIT = 2
 
 
 def choose_splits(programs: int, max_splits: int, slots: int) -> int:
@@ -113,6 +130,65 @@ def choose_splits(programs: int, max_splits: int, slots: int) -> int:
     if total >= slots and total / (waves * slots) >= 0.85:
       return splits
   return max_splits
+
+
+def auto_splits(*, programs: int, capacity_tokens: int, block_k: int,
+                slots: int | None = None) -> int:
+  """The split count `paged_attention` picks on GPU when num_splits is None."""
+  if capacity_tokens <= SPLIT_MIN_TOKENS:
+    return 1
+  n_blocks = -(-capacity_tokens // block_k)
+  slots = slots or PROGRAMS_PER_SM * _num_sms()
+  return choose_splits(programs, min(MAX_SPLITS, n_blocks // MIN_BLOCKS_PER_SPLIT), slots)
+
+
+def merge_rows(batch: int, rows: int, *, target_programs: int = 0, cap: int = 16) -> int:
+  """Rows per program of the merge kernel: a power of two dividing `rows` (the kernel
+  reads whole blocks, unmasked), at most `cap`, and small enough that batch * rows / R
+  reaches `target_programs` where possible (the merge is latency-bound: each program's
+  loads of all splits are issued together, so more programs finish sooner)."""
+  r = min(rows & -rows, cap)
+  while r > 1 and batch * rows // r < target_programs:
+    r //= 2
+  return r
+
+
+def launch_plan(q_shape, kv_shape, page_table_width: int, dtype, *, interpret: bool = False,
+                block_rows: int | None = None, block_k: int | None = None,
+                num_splits: int | None = None, num_warps: int | None = None,
+                num_stages: int | None = None) -> dict:
+  """How `paged_attention` cuts a call: tile rows, row tiles, block_k, warps, stages,
+  splits and the merge kernel's rows per program (the benchmark records it per row)."""
+  b, nq, hq, d = q_shape
+  _, page_size, hkv, _ = kv_shape
+  group = hq // hkv
+  rows = nq * group
+  block_rows = max(16, _next_pow2(block_rows or DEFAULT_BLOCK_ROWS))
+  tile = max(16, min(_next_pow2(rows), block_rows))
+  n_tiles = -(-rows // tile)
+  cfg = default_config(rows=tile, page_size=page_size, head_dim=d, dtype=dtype)
+  if block_k is None:
+    block_k = cfg["block_k"] if _is_pow2(page_size) else page_size
+  if not ((block_k % page_size == 0 and _is_pow2(block_k // page_size))
+          or (page_size % block_k == 0 and _is_pow2(page_size // block_k))):
+    raise ValueError(f"block_k={block_k} must be page_size={page_size} times or divided by "
+                     "a power of two")
+  capacity = page_table_width * page_size
+  n_blocks_max = max(1, -(-capacity // block_k))
+  if num_splits is None:
+    num_splits = 1 if interpret else auto_splits(
+        programs=b * hkv * n_tiles, capacity_tokens=capacity, block_k=block_k)
+  num_splits = max(1, min(int(num_splits), n_blocks_max))
+  plan = dict(tile=tile, n_tiles=n_tiles, block_k=block_k,
+              num_warps=num_warps or cfg["num_warps"],
+              num_stages=num_stages or cfg["num_stages"], num_splits=num_splits)
+  if num_splits > 1:
+    r = merge_rows(b, nq * hq, target_programs=0 if interpret else 2 * _num_sms())
+    # The merge's unrolled loads are all live at once: about R*D*S values, kept to <= 128
+    # per thread; otherwise up to 4 warps, one per 256 elements of the row block.
+    warps = max(1, min(4, r * d // 256), -(-r * d * num_splits // (32 * 128)))
+    plan.update(merge_rows=r, merge_warps=min(8, _next_pow2(warps)))
+  return plan
 
 
 _LOG2E = math.log2(math.e)
@@ -215,8 +291,32 @@ def _kernel(q_ref, lim_ref, pt_ref, k_ref, v_ref, o_ref, lse_ref, *, page_size: 
   lse_ref[flat] = jnp.where(seen, (m + jnp.log2(l_safe)) * _LN2, NEG_INF)
 
 
-def _merge_splits(o, lse):
-  """o [S, ..., D] float32 (normalised per split), lse [S, ...] -> merged (o, lse)."""
+def _merge_kernel(o_ref, lse_ref, out_ref, lse_out_ref, *, num_splits: int):
+  """Merges the splits of R rows: o_ref [S, R, D] and lse_ref [S, R] float32 (each split
+  normalised by its own softmax sum) -> out_ref [R, D] (caller's dtype), lse_out_ref [R].
+
+  The loop over splits is unrolled at trace time (S <= MAX_SPLITS, any S, not only powers
+  of two), so all of a program's loads are independent and in flight together.
+  """
+  lses = [lse_ref[s] for s in range(num_splits)]
+  m = functools.reduce(jnp.maximum, lses)
+  acc = denom = None
+  for s in range(num_splits):
+    # A split that saw nothing has lse = NEG_INF and o = 0: weight 0 (also when every
+    # split is empty and m = NEG_INF, where exp(lse - m) would be 1).
+    w = jnp.where(lses[s] > NEG_INF * 0.5, jnp.exp(lses[s] - m), 0.0)
+    term = o_ref[s] * w[:, None]
+    acc = term if acc is None else acc + term
+    denom = w if denom is None else denom + w
+  seen = denom > 0.0
+  denom_safe = jnp.where(seen, denom, 1.0)
+  out_ref[...] = (acc / denom_safe[:, None]).astype(out_ref.dtype)
+  lse_out_ref[...] = jnp.where(seen, m + jnp.log(denom_safe), NEG_INF)
+
+
+def _merge_splits_xla(o, lse):
+  """The same merge in plain XLA (merge="xla"; several fusions, kept to compare with):
+  o [S, ..., D] float32 (normalised per split), lse [S, ...] -> merged (o, lse)."""
   m = jnp.max(lse, axis=0)
   w = jnp.exp(lse - m[None])  # splits that saw nothing have lse = NEG_INF -> w = 0
   w = jnp.where(lse > NEG_INF * 0.5, w, 0.0)
@@ -231,13 +331,14 @@ def _merge_splits(o, lse):
 def paged_attention(q, k_pages, v_pages, page_table, kv_limit, *, scale, interpret=None,
                     block_rows: int | None = None, block_k: int | None = None,
                     num_splits: int | None = None, num_warps: int | None = None,
-                    num_stages: int | None = None):
+                    num_stages: int | None = None, merge: str = "pallas"):
   """Pallas version of `reference.paged_attention` (see it for the contract).
 
   Tuning arguments (None picks defaults): block_rows, the most rows (query heads of a
   group x queries) per tile; block_k, tokens per inner-loop step (the page size times or
   divided by a power of two); num_splits, how many parts each program's page range is cut
-  into (None: enough to fill the GPU); num_warps / num_stages for Triton.
+  into (None: enough to fill the GPU, 1 for short page tables); num_warps / num_stages for
+  Triton; merge, how splits are merged ("pallas": one small kernel; "xla": XLA ops).
 
   Any Q, group size and page-table width work; on GPU, head_dim and page_size must be
   powers of two (other shapes fall back to the XLA reference).
@@ -252,75 +353,99 @@ def paged_attention(q, k_pages, v_pages, page_table, kv_limit, *, scale, interpr
   if page_table.ndim != 2 or page_table.shape[0] != b or kv_limit.shape != (b, nq):
     raise ValueError(f"page_table {page_table.shape} / kv_limit {kv_limit.shape} do not "
                      f"match q {q.shape}")
+  if merge not in ("pallas", "xla"):
+    raise ValueError(f"merge={merge!r}: use 'pallas' or 'xla'")
   if interpret is None:
     interpret = not _on_gpu()
   if not interpret and not (_is_pow2(d) and _is_pow2(page_size)):
     # Triton needs power-of-two tiles; such shapes are rare (none of Llama-3 / Qwen3).
     from ssd_jax.kernels import reference  # pylint: disable=import-outside-toplevel
     return reference.paged_attention(q, k_pages, v_pages, page_table, kv_limit, scale=scale)
+  plan = launch_plan(q.shape, k_pages.shape, page_table.shape[1], q.dtype,
+                     interpret=interpret, block_rows=block_rows, block_k=block_k,
+                     num_splits=num_splits, num_warps=num_warps, num_stages=num_stages)
+  plan = tuple(sorted(plan.items()))
+  if kv_limit.dtype != jnp.int32:
+    kv_limit = kv_limit.astype(jnp.int32)
+  if page_table.dtype != jnp.int32:
+    page_table = page_table.astype(jnp.int32)
+  return _paged_attention_jit(q, k_pages, v_pages, page_table, kv_limit, scale=float(scale),
+                              interpret=bool(interpret), plan=plan, merge=merge)
 
+
+# One jitted core: a model calls the kernel once per layer with the same shapes, and
+# identical jitted calls are lowered (and, on GPU, compiled by Triton) once per program.
+@functools.partial(jax.jit, static_argnames=("scale", "interpret", "plan", "merge"))
+def _paged_attention_jit(q, k_pages, v_pages, page_table, kv_limit, *, scale, interpret,
+                         plan, merge):
+  plan = dict(plan)
+  b, nq, hq, d = q.shape
+  num_pages, page_size, hkv, _ = k_pages.shape
   group = hq // hkv
   max_pages = page_table.shape[1]
   rows = nq * group
-  block_rows = max(16, _next_pow2(block_rows or 128))
-  tile = max(16, min(_next_pow2(rows), block_rows))
-  n_tiles = pl.cdiv(rows, tile)
-
-  cfg = default_config(rows=tile, page_size=page_size, head_dim=d, dtype=q.dtype)
-  if block_k is None:
-    block_k = cfg["block_k"] if _is_pow2(page_size) else page_size
-  if not ((block_k % page_size == 0 and _is_pow2(block_k // page_size))
-          or (page_size % block_k == 0 and _is_pow2(page_size // block_k))):
-    raise ValueError(f"block_k={block_k} must be page_size={page_size} times or divided by "
-                     "a power of two")
-  num_warps = num_warps or cfg["num_warps"]
-  num_stages = num_stages or cfg["num_stages"]
-  n_blocks_max = pl.cdiv(max_pages * page_size, block_k)
-  if num_splits is None:
-    if interpret:
-      num_splits = 1
-    else:
-      # at least two inner steps per split
-      num_splits = choose_splits(b * hkv * n_tiles, min(MAX_SPLITS, n_blocks_max // 2),
-                                 PROGRAMS_PER_SM * _num_sms())
-  num_splits = max(1, min(int(num_splits), n_blocks_max))
+  tile, n_tiles, block_k = plan["tile"], plan["n_tiles"], plan["block_k"]
+  num_splits = plan["num_splits"]
+  flat_rows = nq * hq
 
   precision = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
-  out_dtype = jnp.float32 if num_splits > 1 else q.dtype
   kernel = functools.partial(
       _kernel, page_size=page_size, block_k=block_k, group=group, tile=tile, rows=rows,
-      num_heads=hq, num_splits=num_splits, scale=float(scale), precision=precision)
+      num_heads=hq, num_splits=num_splits, scale=scale, precision=precision)
   kwargs = {}
   if not interpret:
-    kwargs["compiler_params"] = _compiler_params(num_warps, num_stages)
+    kwargs["compiler_params"] = _compiler_params(plan["num_warps"], plan["num_stages"])
+  in_specs = [
+      pl.BlockSpec((None, flat_rows, d), lambda i, h, t, s: (i, 0, 0)),
+      pl.BlockSpec((None, nq), lambda i, h, t, s: (i, 0)),
+      pl.BlockSpec((None, max_pages), lambda i, h, t, s: (i, 0)),
+      pl.BlockSpec((num_pages, page_size, None, d), lambda i, h, t, s: (0, 0, h, 0)),
+      pl.BlockSpec((num_pages, page_size, None, d), lambda i, h, t, s: (0, 0, h, 0)),
+  ]
+  if num_splits == 1:
+    # The final outputs, written in place: nothing runs after the kernel.
+    out_specs = [pl.BlockSpec((None, flat_rows, d), lambda i, h, t, s: (i, 0, 0)),
+                 pl.BlockSpec((None, flat_rows), lambda i, h, t, s: (i, 0))]
+    out_shape = [jax.ShapeDtypeStruct((b, flat_rows, d), q.dtype),
+                 jax.ShapeDtypeStruct((b, flat_rows), jnp.float32)]
+  else:
+    # Per-split partial results in float32, merged below.
+    out_specs = [pl.BlockSpec((None, None, flat_rows, d), lambda i, h, t, s: (s, i, 0, 0)),
+                 pl.BlockSpec((None, None, flat_rows), lambda i, h, t, s: (s, i, 0))]
+    out_shape = [jax.ShapeDtypeStruct((num_splits, b, flat_rows, d), jnp.float32),
+                 jax.ShapeDtypeStruct((num_splits, b, flat_rows), jnp.float32)]
   o, lse = pl.pallas_call(
       kernel,
       grid=(b, hkv, n_tiles, num_splits),
-      in_specs=[
-          pl.BlockSpec((None, nq * hq, d), lambda i, h, t, s: (i, 0, 0)),
-          pl.BlockSpec((None, nq), lambda i, h, t, s: (i, 0)),
-          pl.BlockSpec((None, max_pages), lambda i, h, t, s: (i, 0)),
-          pl.BlockSpec((num_pages, page_size, None, d), lambda i, h, t, s: (0, 0, h, 0)),
-          pl.BlockSpec((num_pages, page_size, None, d), lambda i, h, t, s: (0, 0, h, 0)),
-      ],
-      out_specs=[
-          pl.BlockSpec((None, None, nq * hq, d), lambda i, h, t, s: (s, i, 0, 0)),
-          pl.BlockSpec((None, None, nq * hq), lambda i, h, t, s: (s, i, 0)),
-      ],
-      out_shape=[
-          jax.ShapeDtypeStruct((num_splits, b, nq * hq, d), out_dtype),
-          jax.ShapeDtypeStruct((num_splits, b, nq * hq), jnp.float32),
-      ],
+      in_specs=in_specs,
+      out_specs=out_specs,
+      out_shape=out_shape,
       interpret=interpret,
       name=f"paged_attention_r{tile}_k{block_k}_s{num_splits}",
       **kwargs,
-  )(q.reshape(b, nq * hq, d), kv_limit.astype(jnp.int32), page_table.astype(jnp.int32),
-    k_pages, v_pages)
-  if num_splits > 1:
-    o, lse = _merge_splits(o, lse)
-  else:
-    o, lse = o[0], lse[0]
-  return o.reshape(b, nq, hq, d).astype(q.dtype), lse.reshape(b, nq, hq)
+  )(q.reshape(b, flat_rows, d), kv_limit, page_table, k_pages, v_pages)
+  if num_splits > 1 and merge == "xla":
+    o, lse = _merge_splits_xla(o, lse)
+    o = o.astype(q.dtype)
+  elif num_splits > 1:
+    r = plan["merge_rows"]
+    mkwargs = {}
+    if not interpret:
+      mkwargs["compiler_params"] = _compiler_params(plan["merge_warps"], 1)
+    o, lse = pl.pallas_call(
+        functools.partial(_merge_kernel, num_splits=num_splits),
+        grid=(b, flat_rows // r),
+        in_specs=[pl.BlockSpec((num_splits, None, r, d), lambda i, j: (0, i, j, 0)),
+                  pl.BlockSpec((num_splits, None, r), lambda i, j: (0, i, j))],
+        out_specs=[pl.BlockSpec((None, r, d), lambda i, j: (i, j, 0)),
+                   pl.BlockSpec((None, r), lambda i, j: (i, j))],
+        out_shape=[jax.ShapeDtypeStruct((b, flat_rows, d), q.dtype),
+                   jax.ShapeDtypeStruct((b, flat_rows), jnp.float32)],
+        interpret=interpret,
+        name=f"paged_attention_merge_s{num_splits}_r{r}",
+        **mkwargs,
+    )(o, lse)
+  return o.reshape(b, nq, hq, d), lse.reshape(b, nq, hq)
 
 
 def _shard_map(f, mesh, in_specs, out_specs):
