@@ -8,6 +8,7 @@ count must not grow.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 
 import jax
@@ -49,6 +50,12 @@ class ModelRunner:
     # dispatch costs host time on each token; a list of arrays flattens in C++.
     leaves, self._param_tree = jax.tree.flatten(params)
     self.params: list[jax.Array] = leaves
+    # float32 means float32: on GPU, XLA runs float32 matmuls as TF32 by default, and TF32
+    # rounds a 1-token step and a K+1-token verification differently enough to flip
+    # near-tied argmaxes, so SD/SSD could not be checked against AR token for token.
+    # bfloat16 models keep XLA's default (their own rounding already differs that way).
+    self.matmul_precision = ("highest" if model.embed_tokens[...].dtype == jnp.float32
+                             else None)
     kv_dtype = kv_dtype or model.embed_tokens[...].dtype
     self.kv_dtype = kv_dtype
     kv_sharding = sharding_for(mesh, KV_PAGES_AXES)
@@ -90,7 +97,9 @@ class ModelRunner:
   def forward(self, params, kv, tokens, positions, attn, scratch=None, logits_at=None):
     """Pure model call, for use inside the decoders' jitted programs."""
     model = nnx.merge(self.graphdef, jax.tree.unflatten(self._param_tree, params))
-    with kernels.on_mesh(self.mesh):
+    precision = (jax.default_matmul_precision(self.matmul_precision)
+                 if self.matmul_precision else contextlib.nullcontext())
+    with kernels.on_mesh(self.mesh), precision:
       return model(tokens, positions, kv, attn, scratch=scratch, logits_at=logits_at)
 
   def _prefill(self, params, kv, tokens, start, length, page_table):
