@@ -147,9 +147,10 @@ def write_random_hf_checkpoint(cfg: ModelConfig, out_dir: str, dtype: str = "bfl
   workers = max(1, min(16, os.cpu_count() or 1))
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
     specs = []
-    for i, (layout, _) in enumerate(param_layouts(abstract_state)):
-      specs.append(TensorSpec(layout.hf_name, layout.hf_shape, np_dtype,
-                              functools.partial(_random_chunks, layout.hf_shape, layout.kind,
+    parts = [part for layout, _ in param_layouts(abstract_state) for part in layout.parts]
+    for i, part in enumerate(parts):  # i: the HF tensor's index, part of its seed
+      specs.append(TensorSpec(part.hf_name, part.hf_shape, np_dtype,
+                              functools.partial(_random_chunks, part.hf_shape, part.kind,
                                                 np_dtype, seed, i, pool, 2 * workers)))
     write_safetensors(out_dir, specs, max_shard_bytes=max_shard_bytes)
   hf = cfg.to_hf_dict()

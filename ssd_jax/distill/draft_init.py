@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ssd_jax.config import ModelConfig
-from ssd_jax.models.transformer import Transformer
+from ssd_jax.models.transformer import Transformer, fuse_flat, unfuse_flat
 
 
 def draft_config(target_cfg: ModelConfig, *, num_layers: int = 4, hidden_size: int | None = None,
@@ -123,9 +123,11 @@ def build_draft(cfg: ModelConfig, *, target: Transformer | None = None,
 # --- the repo format of a default draft: its non-embedding weights only -------------------
 #
 # A draft with frozen embeddings shares them with its target, so the repository keeps only
-# the other weights (bf16 safetensors, in the engine's own names and shapes) plus a json with
-# the config; `ensure_default_draft` joins them with the target's embedding into a full
-# HuggingFace dir in the cache on first use.
+# the other weights (bf16 safetensors, in the engine's own names and shapes, except that
+# fused parameters are stored as their separate HF-named parts: k_proj and v_proj, not
+# kv_proj, so files written before the fusion still load) plus a json with the config;
+# `ensure_default_draft` joins them with the target's embedding into a full HuggingFace
+# dir in the cache on first use.
 
 DEFAULT_DRAFT_NAME = "smollm2-135m-draft"
 LAYERS_PREFIX = "draft_layers"
@@ -153,8 +155,9 @@ def write_draft_layers(flat: dict, cfg: ModelConfig, out_dir: str, *, shard_mb: 
   import numpy as np
   from safetensors.numpy import save_file
   os.makedirs(out_dir, exist_ok=True)
-  flat = {k: np.asarray(jnp.asarray(v, jnp.bfloat16)).view(np.uint16)
+  flat = {k: np.asarray(jnp.asarray(v, jnp.bfloat16))
           for k, v in flat.items() if k != "embed_tokens"}
+  flat = {k: v.view(np.uint16) for k, v in unfuse_flat(flat).items()}
   shards, cur, size = [], {}, 0
   for k in sorted(flat):
     nbytes = flat[k].nbytes
@@ -184,7 +187,8 @@ def write_draft_layers(flat: dict, cfg: ModelConfig, out_dir: str, *, shard_mb: 
 
 
 def load_draft_layers(src_dir: str) -> tuple[ModelConfig, dict]:
-  """(config, {name: bf16 array}) from a `save_draft_layers` directory."""
+  """(config, {name: bf16 array}) from a `save_draft_layers` directory, in the model's
+  names (the stored k/v and gate/up parts stacked into the fused parameters)."""
   import ml_dtypes
   from safetensors.numpy import load_file
   with open(os.path.join(src_dir, "draft.json")) as f:
@@ -194,7 +198,7 @@ def load_draft_layers(src_dir: str) -> tuple[ModelConfig, dict]:
   for fn in meta["files"]:
     for k, v in load_file(os.path.join(src_dir, fn)).items():
       flat[k] = v.view(ml_dtypes.bfloat16) if meta.get("dtype") == "bfloat16" else v
-  return cfg, flat
+  return cfg, fuse_flat(flat)
 
 
 def _digest(src_dir: str) -> str:

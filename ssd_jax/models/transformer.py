@@ -8,6 +8,9 @@ One forward call handles every kind of step: prefill chunks, single-token decode
 verification, and SSD tree decode (M branch queries that also attend to their own scratch
 KV). The caller describes the step with `AttentionInputs`; the model writes the new tokens'
 K/V into the pages given by `slot_mapping` and attends to what `kv_limit` allows.
+
+The K/V projections and the gate/up projections are stored stacked (`FUSED_PARAMS`): one
+GEMM each per layer; checkpoints keep HuggingFace's separate tensors.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from ssd_jax.config import ModelConfig
@@ -82,6 +86,58 @@ def init_tree_scratch(cfg: ModelConfig, batch: int, branches: int, steps: int,
                      step=jnp.zeros((), jnp.int32))
 
 
+# Parameters that hold several HuggingFace tensors stacked along one axis, so that one
+# GEMM computes what HF does with two (at batch 1 a decode step is a chain of small
+# kernels, and every kernel launch costs a few microseconds): name -> (the names of the
+# stacked tensors, in stacking order, and the stacking axis of our array). The stacking
+# axis carries the logical name "stack", which is never sharded, so tensor parallelism
+# still splits the heads / the MLP hidden dimension exactly as for separate tensors.
+# Checkpoints keep HF's separate tensors: the loaders and writers split and stack here.
+FUSED_PARAMS: dict[str, tuple[tuple[str, ...], int]] = {
+    "kv_proj": (("k_proj", "v_proj"), 1),             # [embed, 2, kv_heads, head_dim]
+    "kv_bias": (("k_bias", "v_bias"), 0),             # [2, kv_heads, head_dim]
+    "gate_up_proj": (("gate_proj", "up_proj"), 1),    # [embed, 2, mlp]
+}
+
+
+def unfuse_flat(flat: dict) -> dict:
+  """{dotted name: array} with each fused parameter split into its HF-named parts
+  ('layers.0.self_attn.kv_proj' -> '...k_proj' and '...v_proj'); other names unchanged."""
+  out = {}
+  for name, value in flat.items():
+    prefix, _, leaf = name.rpartition(".")
+    if leaf not in FUSED_PARAMS:
+      out[name] = value
+      continue
+    parts, axis = FUSED_PARAMS[leaf]
+    for j, part in enumerate(parts):
+      out[f"{prefix}.{part}" if prefix else part] = np.take(np.asarray(value), j, axis=axis)
+  return out
+
+
+def fuse_flat(flat: dict) -> dict:
+  """The inverse of `unfuse_flat`: stacks HF-named parts into the model's fused names.
+  Raises KeyError when only some parts of a fused parameter are present."""
+  part_of = {part: (fused, j) for fused, (parts, _) in FUSED_PARAMS.items()
+             for j, part in enumerate(parts)}
+  out, groups = {}, {}
+  for name, value in flat.items():
+    prefix, _, leaf = name.rpartition(".")
+    if leaf not in part_of:
+      out[name] = value
+      continue
+    fused, j = part_of[leaf]
+    groups.setdefault((prefix, fused), {})[j] = value
+  for (prefix, fused), got in groups.items():
+    parts, axis = FUSED_PARAMS[fused]
+    name = f"{prefix}.{fused}" if prefix else fused
+    if len(got) != len(parts):
+      missing = [p for j, p in enumerate(parts) if j not in got]
+      raise KeyError(f"{name}: parts {missing} missing")
+    out[name] = np.stack([np.asarray(got[j]) for j in range(len(parts))], axis=axis)
+  return out
+
+
 def _param(rngs, shape, axes, dtype, scale=0.02):
   return nnx.Param(scale * jax.random.normal(rngs.params(), shape, dtype), axes=axes)
 
@@ -101,13 +157,15 @@ class Attention(nnx.Module):
   def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, attention_impl: str):
     e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     self.q_proj = _param(rngs, (e, h, d), ("embed", "heads", "head_dim"), dtype)
-    self.k_proj = _param(rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), dtype)
-    self.v_proj = _param(rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), dtype)
+    # K and V stacked: one GEMM for both (see FUSED_PARAMS). Q stays separate: it has
+    # more heads than K/V (GQA), and a stack over heads would mix them under TP.
+    self.kv_proj = _param(rngs, (e, 2, kv, d), ("embed", "stack", "kv_heads", "head_dim"),
+                          dtype)
     self.o_proj = _param(rngs, (h, d, e), ("heads", "head_dim", "embed"), dtype)
     if cfg.attention_bias:
       self.q_bias = nnx.Param(jnp.zeros((h, d), dtype), axes=("heads", "head_dim"))
-      self.k_bias = nnx.Param(jnp.zeros((kv, d), dtype), axes=("kv_heads", "head_dim"))
-      self.v_bias = nnx.Param(jnp.zeros((kv, d), dtype), axes=("kv_heads", "head_dim"))
+      self.kv_bias = nnx.Param(jnp.zeros((2, kv, d), dtype),
+                               axes=("stack", "kv_heads", "head_dim"))
       self.o_bias = nnx.Param(jnp.zeros((e,), dtype), axes=("embed",))
     if cfg.qk_norm:
       self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, axes=("head_dim",))
@@ -119,10 +177,10 @@ class Attention(nnx.Module):
                scratch_kv=None, scratch_step=None):
     cfg = self.cfg
     q = jnp.einsum("bse,ehd->bshd", x, self.q_proj[...])
-    k = jnp.einsum("bse,ehd->bshd", x, self.k_proj[...])
-    v = jnp.einsum("bse,ehd->bshd", x, self.v_proj[...])
+    kv = jnp.einsum("bse,ethd->bsthd", x, self.kv_proj[...])
     if cfg.attention_bias:
-      q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+      q, kv = q + self.q_bias[...], kv + self.kv_bias[...]
+    k, v = kv[:, :, 0], kv[:, :, 1]
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     # Computed at trace time from the config (a constant in the compiled program).
@@ -152,14 +210,15 @@ class Attention(nnx.Module):
 class MLP(nnx.Module):
   def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
     e, m = cfg.hidden_size, cfg.intermediate_size
-    self.gate_proj = _param(rngs, (e, m), ("embed", "mlp"), dtype)
-    self.up_proj = _param(rngs, (e, m), ("embed", "mlp"), dtype)
+    # Gate and up stacked: one GEMM for both; under TP each shard holds the gate and up
+    # columns of its own slice of `mlp`, so silu(gate) * up needs no communication.
+    self.gate_up_proj = _param(rngs, (e, 2, m), ("embed", "stack", "mlp"), dtype)
     self.down_proj = _param(rngs, (m, e), ("mlp", "embed"), dtype)
 
   def __call__(self, x):
-    gate = jnp.einsum("bse,em->bsm", x, self.gate_proj[...])
-    up = jnp.einsum("bse,em->bsm", x, self.up_proj[...])
-    return jnp.einsum("bsm,me->bse", jax.nn.silu(gate) * up, self.down_proj[...])
+    gate_up = jnp.einsum("bse,etm->bstm", x, self.gate_up_proj[...])
+    hidden = jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]
+    return jnp.einsum("bsm,me->bse", hidden, self.down_proj[...])
 
 
 class DecoderLayer(nnx.Module):
@@ -182,7 +241,8 @@ class Transformer(nnx.Module):
   """Llama-3 / Qwen3 causal LM over a paged KV cache.
 
   Parameter names follow HuggingFace's (`layers[i].self_attn.q_proj`, ...) so that a
-  checkpoint maps onto the model by name; shapes are split per head for sharding.
+  checkpoint maps onto the model by name, except the stacked pairs of `FUSED_PARAMS`;
+  shapes are split per head for sharding.
   """
 
   def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None,

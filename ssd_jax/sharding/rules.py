@@ -21,6 +21,10 @@ LOGICAL_RULES: dict[str, str | None] = {
     "kv_heads": TP,
     "head_dim": None,
     "mlp": TP,
+    # The axis that stacks fused parameters (k/v, gate/up; models/transformer.py
+    # FUSED_PARAMS). Never sharded: each shard must hold every stacked part of its own
+    # heads / MLP columns.
+    "stack": None,
     "pages": None,
     "page_slot": None,
 }
