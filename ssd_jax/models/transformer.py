@@ -62,13 +62,13 @@ class KVCache:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class TreeScratch:
-  """Private KV of tree branches: per layer [B, M, S, num_kv_heads, head_dim].
+  """Private KV of tree branches: per layer [B, M, S, 2, num_kv_heads, head_dim], K and V
+  stacked on axis 3 so that one in-place update per layer writes both.
 
   At tree step `step` each branch writes its token's K/V to slot `step` and attends to
   slots [0, step] on top of the paged context; nothing is written to the pages.
   """
-  k: list
-  v: list
+  kv: list
   step: jax.Array
 
 
@@ -80,9 +80,8 @@ def init_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> KV
 
 def init_tree_scratch(cfg: ModelConfig, batch: int, branches: int, steps: int,
                       dtype) -> TreeScratch:
-  shape = (batch, branches, steps, cfg.num_kv_heads, cfg.head_dim)
-  return TreeScratch(k=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
-                     v=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
+  shape = (batch, branches, steps, 2, cfg.num_kv_heads, cfg.head_dim)
+  return TreeScratch(kv=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
                      step=jnp.zeros((), jnp.int32))
 
 
@@ -193,14 +192,11 @@ class Attention(nnx.Module):
     out, lse = kernels.paged_attention(q, k_pages, v_pages, attn.page_table, attn.kv_limit,
                                        scale=scale, impl=self.attention_impl)
     if scratch_kv is not None:
-      sk, sv = scratch_kv
-      sk = jax.lax.dynamic_update_slice_in_dim(sk, k[:, :, None].astype(sk.dtype),
-                                               scratch_step, axis=2)
-      sv = jax.lax.dynamic_update_slice_in_dim(sv, v[:, :, None].astype(sv.dtype),
-                                               scratch_step, axis=2)
-      out2, lse2 = kernels.dense_attention(q, sk, sv, scratch_step + 1, scale=scale)
-      out = kernels.merge_attention(out, lse, out2, lse2)
-      scratch_kv = (sk, sv)
+      # One in-place write of this step's K and V (stacked) into the branch scratch, then
+      # the paged result extended by the scratch slots [0, step] in one fused pass.
+      new = jnp.stack([k, v], axis=2)[:, :, None].astype(scratch_kv.dtype)
+      scratch_kv = jax.lax.dynamic_update_slice_in_dim(scratch_kv, new, scratch_step, axis=2)
+      out = kernels.extend_attention(out, lse, q, scratch_kv, scratch_step + 1, scale=scale)
     y = jnp.einsum("bshd,hde->bse", out, self.o_proj[...])
     if cfg.attention_bias:
       y = y + self.o_bias[...]
@@ -281,21 +277,18 @@ class Transformer(nnx.Module):
     Returns (float32 logits [B, Q, V] or [B, V], kv, scratch).
     """
     x = self.embed_tokens[...][tokens]
-    new_k, new_v = [], []
-    new_sk, new_sv = [], []
+    new_k, new_v, new_skv = [], [], []
     for i, layer in enumerate(self.layers):
-      scratch_kv = (scratch.k[i], scratch.v[i]) if scratch is not None else None
+      scratch_kv = scratch.kv[i] if scratch is not None else None
       x, kp, vp, scratch_kv = layer(x, positions, kv.k[i], kv.v[i], attn, scratch_kv,
                                     scratch.step if scratch is not None else None)
       new_k.append(kp)
       new_v.append(vp)
-      if scratch is not None:
-        new_sk.append(scratch_kv[0])
-        new_sv.append(scratch_kv[1])
+      new_skv.append(scratch_kv)
     if logits_at is not None:
       x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]
     logits = self.logits(self.norm(x))
     new_scratch = None
     if scratch is not None:
-      new_scratch = TreeScratch(k=new_sk, v=new_sv, step=scratch.step + 1)
+      new_scratch = TreeScratch(kv=new_skv, step=scratch.step + 1)
     return logits, KVCache(k=new_k, v=new_v), new_scratch

@@ -50,5 +50,5 @@ def param_shardings(mesh, abstract_state):
 
 # KV pools [num_pages, page_size, kv_heads, head_dim]: each TP shard holds its heads.
 KV_PAGES_AXES = ("pages", "page_slot", "kv_heads", "head_dim")
-# Tree scratch [batch, branches, steps, kv_heads, head_dim].
-TREE_SCRATCH_AXES = (None, None, None, "kv_heads", "head_dim")
+# Tree scratch [batch, branches, steps, 2 (K, V), kv_heads, head_dim].
+TREE_SCRATCH_AXES = (None, None, None, "stack", "kv_heads", "head_dim")

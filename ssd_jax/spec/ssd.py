@@ -174,8 +174,7 @@ class SSDDecoder(SpeculativeDecoder):
                                 kv_limit=jnp.where(live[:, None], base, 0))
     scratch = init_tree_scratch(self.draft.cfg, b, m, k, self.draft.kv_dtype)
     scratch_sharding = sharding_for(self.draft.mesh, TREE_SCRATCH_AXES)
-    scratch.k = [jax.lax.with_sharding_constraint(x, scratch_sharding) for x in scratch.k]
-    scratch.v = [jax.lax.with_sharding_constraint(x, scratch_sharding) for x in scratch.v]
+    scratch.kv = [jax.lax.with_sharding_constraint(x, scratch_sharding) for x in scratch.kv]
     top_fs = jnp.asarray(self.opts.plan.after_hit[:k], jnp.int32)
     max_f = self.opts.plan.max_f if self.opts.sampler_x is not None else 0
     temp_b = jnp.broadcast_to(temp[:, None], (b, m))
