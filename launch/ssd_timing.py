@@ -51,6 +51,8 @@ flags.DEFINE_string("command_buffers", None, "XLA command-buffer mode of every e
 flags.DEFINE_list("step_command_buffers", "default,off,max",
                   "Command-buffer modes the 'steps' run compiles each program with.")
 flags.DEFINE_integer("step_iters", 40, "Calls per step-program timing.")
+flags.DEFINE_bool("steps_unfused", True, "The 'steps' run also times the programs of "
+                  "unfused-projection models (separate k/v, gate/up GEMMs), first mode.")
 flags.DEFINE_bool("kernels", True, "Count the kernels of every engine program of a run.")
 flags.DEFINE_bool("trace_host", True, "Time each host dispatch of a round (no syncs).")
 flags.DEFINE_string("tag", "", "A label copied into the JSON (e.g. the variant run).")
@@ -121,8 +123,9 @@ class _Recorder:
 PROGRAM_ATTRS = ("_step", "_propose", "_verify", "_first_spec", "_build", "_lookup")
 
 
-def _build(name, role, seed, layers=0):
-  """A random-weight model of a real shape on its mesh (target mesh or draft mesh)."""
+def _build(name, role, seed, layers=0, fused=True):
+  """A random-weight model of a real shape on its mesh (target mesh or draft mesh);
+  fused=False: HF's separate k/v and gate/up tensors (Transformer fused_projections)."""
   import dataclasses
   import jax.numpy as jnp
   from ssd_jax.checkpoint import REAL_SHAPES, random_model
@@ -134,7 +137,7 @@ def _build(name, role, seed, layers=0):
   tmesh, dmesh = make_meshes(MeshSpec.parse(FLAGS.mesh), FLAGS.draft_devices)
   mesh = tmesh if role == "target" else (dmesh or tmesh)
   return random_model(cfg, dtype=jnp.dtype(FLAGS.dtype), mesh=mesh, seed=seed,
-                      attention_impl=resolve_impl(FLAGS.attention))
+                      attention_impl=resolve_impl(FLAGS.attention), fused_projections=fused)
 
 
 def _steps(target, draft, k, results):
@@ -155,9 +158,24 @@ def _steps(target, draft, k, results):
     progs = step_programs.build_programs(*runners, batch=FLAGS.batch, k=k, f=FLAGS.f,
                                          context=context)
     del runners
+    log = lambda t: print(t, flush=True)
     results["steps"] = step_programs.measure(progs, tuple(FLAGS.step_command_buffers),
-                                             FLAGS.step_iters,
-                                             log=lambda t: print(t, flush=True))
+                                             FLAGS.step_iters, log=log)
+    del progs
+    if FLAGS.steps_unfused:
+      # The same steps on models with HF's separate k/v and gate/up GEMMs (the layout
+      # before the fusion), XLA's default command buffers: what the fusion changed.
+      unfused = [_build(FLAGS.target, "target", 0, FLAGS.target_layers, fused=False),
+                 _build(FLAGS.draft, "draft", 1, FLAGS.draft_layers, fused=False)]
+      runners = [ModelRunner(mdl, mesh, num_pages=pages, page_size=64, name=role)
+                 for mdl, mesh, role in ((unfused[0], tmesh, "target"),
+                                         (unfused[1], dmesh or tmesh, "draft"))]
+      del unfused
+      progs = step_programs.build_programs(*runners, batch=FLAGS.batch, k=k, f=FLAGS.f,
+                                           context=context, suffix="_unfused")
+      del runners
+      results["steps"].update(step_programs.measure(
+          progs, tuple(FLAGS.step_command_buffers)[:1], FLAGS.step_iters, log=log))
   except Exception as e:  # noqa: BLE001 - a benchmark reports and goes on
     print(f"!!! steps failed: {type(e).__name__}: {e}", flush=True)
     results["steps"] = {"error": f"{type(e).__name__}: {e}"}

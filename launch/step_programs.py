@@ -24,6 +24,10 @@ three times, all host-measured:
 Used by launch/ssd_timing.py (`--runs ...,steps`) and runnable alone:
 
   python launch/step_programs.py --target llama-3.1-8b --draft llama-3.2-1b --draft_devices 1
+
+Programs named *_unfused run the same step on a model built with fused_projections=False
+(HF's separate k/v and gate/up GEMMs, the layout before they were stacked): the same run
+then shows what the fusion changed, in kernels and in time.
 """
 
 from __future__ import annotations
@@ -88,9 +92,10 @@ def _fresh_kv(runner: ModelRunner):
 
 
 def build_programs(target: ModelRunner | None, draft: ModelRunner | None, *, batch: int,
-                   k: int, f: int, context: int, names=PROGRAMS) -> dict:
-  """name -> (runner, step, carry, inputs): `step(params, carry, *inputs) -> carry`; the
-  carry (KV pool or tree scratch, and the picked tokens) is donated and fed back."""
+                   k: int, f: int, context: int, names=PROGRAMS, suffix: str = "") -> dict:
+  """name + suffix -> (runner, step, carry, inputs): `step(params, carry, *inputs) ->
+  carry`; the carry (KV pool or tree scratch, and the picked tokens) is donated and fed
+  back."""
   out = {}
   m = (k + 1) * f
   for runner, prefix in ((target, "target"), (draft, "draft")):
@@ -107,7 +112,7 @@ def build_programs(target: ModelRunner | None, draft: ModelRunner | None, *, bat
       if name in names:
         carry = (_fresh_kv(runner), put(np.zeros((batch, q), np.int32)))
         inputs = (put(np.ones((batch, q), np.int32)), ctx, table)
-        out[name] = (runner, _decode_program(runner, q), carry, inputs)
+        out[name + suffix] = (runner, _decode_program(runner, q), carry, inputs)
     if prefix == "draft" and "draft_tree_step" in names:
       scratch = init_tree_scratch(runner.cfg, batch, m, k, runner.kv_dtype)
       sh = sharding_for(runner.mesh, TREE_SCRATCH_AXES)
@@ -115,7 +120,7 @@ def build_programs(target: ModelRunner | None, draft: ModelRunner | None, *, bat
       branch_a = put(np.repeat(np.arange(k + 1, dtype=np.int32), f)[None].repeat(batch, 0))
       inputs = (_fresh_kv(runner), put(np.ones((batch, m), np.int32)), ctx, table,
                 branch_a, put(np.int32(k // 2)))
-      out["draft_tree_step"] = (runner, _tree_program(runner), carry, inputs)
+      out["draft_tree_step" + suffix] = (runner, _tree_program(runner), carry, inputs)
   return out
 
 
@@ -155,13 +160,13 @@ def measure(programs: dict, modes=("default",), iters: int = 50, latency_iters: 
         row = {"compile_s": time.perf_counter() - t0, **kernel_counts(compiled.as_text())}
         carry, times = _time(compiled, runner.params, carry, inputs, iters, latency_iters)
         row.update(times)
-        log(f"  {name:16s} {mode:8s} kernels {row['kernels']:5d} (gemms {row['gemms']:4d}, "
+        log(f"  {name:24s} {mode:8s} kernels {row['kernels']:5d} (gemms {row['gemms']:4d}, "
             f"custom {row['custom_calls']:3d}, graphs {row['graphs']:3d})  "
             f"{row['ms']:7.3f} ms/call  host {row['host_ms']:6.3f}  "
             f"latency {row['latency_ms']:7.3f}  (compile {row['compile_s']:.1f}s)")
       except Exception as e:  # noqa: BLE001 - a benchmark reports and goes on
         row = {"error": f"{type(e).__name__}: {e}"[:500]}
-        log(f"  {name:16s} {mode:8s} failed: {row['error']}")
+        log(f"  {name:24s} {mode:8s} failed: {row['error']}")
       results[name][mode] = row
     del carry
   return results
@@ -177,16 +182,20 @@ def main(argv):
   F = flags.FLAGS
   tmesh, dmesh = make_meshes(MeshSpec.parse(F.mesh), F.draft_devices)
   impl = resolve_impl(F.attention)
-  runners = []
-  for name, mesh, seed in ((F.target, tmesh, 0), (F.draft, dmesh or tmesh, 1)):
-    model = random_model(REAL_SHAPES[name], dtype=jnp.dtype(F.dtype), mesh=mesh, seed=seed,
-                         attention_impl=impl)
-    pages = _pages(F.batch, F.context + (F.k + 1) * F.f + F.k + 2, 64)[1] + 1
-    runners.append(ModelRunner(model, mesh, num_pages=pages, page_size=64, name=name))
-  progs = build_programs(*runners, batch=F.batch, k=F.k, f=F.f, context=F.context,
-                         names=tuple(F.programs))
-  del runners
-  res = measure(progs, tuple(F.command_buffers), F.iters)
+  res = {}
+  for fused in (True, False) if F.unfused else (True,):
+    runners = []
+    for name, mesh, seed in ((F.target, tmesh, 0), (F.draft, dmesh or tmesh, 1)):
+      model = random_model(REAL_SHAPES[name], dtype=jnp.dtype(F.dtype), mesh=mesh,
+                           seed=seed, attention_impl=impl, fused_projections=fused)
+      pages = _pages(F.batch, F.context + (F.k + 1) * F.f + F.k + 2, 64)[1] + 1
+      runners.append(ModelRunner(model, mesh, num_pages=pages, page_size=64, name=name))
+    progs = build_programs(*runners, batch=F.batch, k=F.k, f=F.f, context=F.context,
+                           names=tuple(F.programs), suffix="" if fused else "_unfused")
+    del runners, model
+    modes = tuple(F.command_buffers) if fused else tuple(F.command_buffers)[:1]
+    res.update(measure(progs, modes, F.iters))
+    del progs
   if F.output_json:
     with open(F.output_json, "w") as fh:
       json.dump(res, fh, indent=1)
@@ -207,5 +216,7 @@ if __name__ == "__main__":
   flags.DEFINE_list("programs", list(PROGRAMS), "Which programs.")
   flags.DEFINE_list("command_buffers", ["default", "off", "max"], "XLA command-buffer modes.")
   flags.DEFINE_integer("iters", 50, "Calls per timing.")
+  flags.DEFINE_bool("unfused", True, "Also time the programs of unfused-projection models "
+                    "(first command-buffer mode only).")
   flags.DEFINE_string("output_json", None, "Write the results here.")
   app.run(main)

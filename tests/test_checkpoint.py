@@ -1,5 +1,6 @@
 """Checkpoint loading errors, the GGUF cache, export round trips and random weights."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -395,3 +396,30 @@ def test_write_random_hf_checkpoint_loads_in_both(tmp_path):
   r = helpers.run_paged(model, cfg, PROMPTS, 1)
   for b, p in enumerate(PROMPTS):
     assert helpers.max_rel_err(r["prefill"][b, :len(p)], helpers.hf_logits(hf, p)) < 1e-5
+
+
+def test_fused_projections_equal_separate_ones(tmp_path):
+  """The fused model computes what HF's separate k/v and gate/up tensors compute: an
+  unfused model's weights, stacked, give the same logits, and its HF export loads into
+  the (fused) engine with the same logits too."""
+  from ssd_jax.config import ModelConfig
+  from ssd_jax.distill import draft_init
+  from ssd_jax.distill.train import causal_forward
+  from ssd_jax.models.transformer import Transformer, fuse_flat
+  cfg = ModelConfig.from_hf_dict(helpers.hf_config("llama").to_dict())
+  cfg = dataclasses.replace(cfg, attention_bias=True)
+  sep = Transformer(cfg, rngs=nnx.Rngs(3), fused_projections=False)
+  flat = draft_init.flat_params(sep)
+  assert "layers.0.self_attn.k_proj" in flat and "layers.0.mlp.up_proj" in flat
+  flat = {k: (v + 0.1 if k.endswith("_bias") else v) for k, v in flat.items()}
+  draft_init.assign_params(sep, flat)
+  fused = Transformer(cfg, rngs=nnx.Rngs(4))
+  draft_init.assign_params(fused, fuse_flat({k: np.asarray(v) for k, v in flat.items()}))
+  tokens = jnp.asarray([PROMPTS[0]], jnp.int32)
+  want = np.asarray(causal_forward(sep, tokens))
+  np.testing.assert_allclose(np.asarray(causal_forward(fused, tokens)), want,
+                             rtol=2e-5, atol=2e-5)
+  out = save_hf_checkpoint(sep, cfg, str(tmp_path / "sep"))
+  loaded, _ = load_model(out)
+  np.testing.assert_allclose(np.asarray(causal_forward(loaded, tokens)), want,
+                             rtol=2e-5, atol=2e-5)

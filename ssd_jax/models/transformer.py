@@ -153,19 +153,29 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-  def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, attention_impl: str):
+  def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, attention_impl: str,
+               fused: bool = True):
     e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     self.q_proj = _param(rngs, (e, h, d), ("embed", "heads", "head_dim"), dtype)
     # K and V stacked: one GEMM for both (see FUSED_PARAMS). Q stays separate: it has
     # more heads than K/V (GQA), and a stack over heads would mix them under TP.
-    self.kv_proj = _param(rngs, (e, 2, kv, d), ("embed", "stack", "kv_heads", "head_dim"),
-                          dtype)
+    if fused:
+      self.kv_proj = _param(rngs, (e, 2, kv, d), ("embed", "stack", "kv_heads", "head_dim"),
+                            dtype)
+    else:
+      self.k_proj = _param(rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), dtype)
+      self.v_proj = _param(rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), dtype)
     self.o_proj = _param(rngs, (h, d, e), ("heads", "head_dim", "embed"), dtype)
     if cfg.attention_bias:
       self.q_bias = nnx.Param(jnp.zeros((h, d), dtype), axes=("heads", "head_dim"))
-      self.kv_bias = nnx.Param(jnp.zeros((2, kv, d), dtype),
-                               axes=("stack", "kv_heads", "head_dim"))
+      if fused:
+        self.kv_bias = nnx.Param(jnp.zeros((2, kv, d), dtype),
+                                 axes=("stack", "kv_heads", "head_dim"))
+      else:
+        self.k_bias = nnx.Param(jnp.zeros((kv, d), dtype), axes=("kv_heads", "head_dim"))
+        self.v_bias = nnx.Param(jnp.zeros((kv, d), dtype), axes=("kv_heads", "head_dim"))
       self.o_bias = nnx.Param(jnp.zeros((e,), dtype), axes=("embed",))
+    self.fused = fused
     if cfg.qk_norm:
       self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, axes=("head_dim",))
       self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, axes=("head_dim",))
@@ -176,10 +186,18 @@ class Attention(nnx.Module):
                scratch_kv=None, scratch_step=None):
     cfg = self.cfg
     q = jnp.einsum("bse,ehd->bshd", x, self.q_proj[...])
-    kv = jnp.einsum("bse,ethd->bsthd", x, self.kv_proj[...])
     if cfg.attention_bias:
-      q, kv = q + self.q_bias[...], kv + self.kv_bias[...]
-    k, v = kv[:, :, 0], kv[:, :, 1]
+      q = q + self.q_bias[...]
+    if self.fused:
+      kv = jnp.einsum("bse,ethd->bsthd", x, self.kv_proj[...])
+      if cfg.attention_bias:
+        kv = kv + self.kv_bias[...]
+      k, v = kv[:, :, 0], kv[:, :, 1]
+    else:
+      k = jnp.einsum("bse,ehd->bshd", x, self.k_proj[...])
+      v = jnp.einsum("bse,ehd->bshd", x, self.v_proj[...])
+      if cfg.attention_bias:
+        k, v = k + self.k_bias[...], v + self.v_bias[...]
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     # Computed at trace time from the config (a constant in the compiled program).
@@ -204,25 +222,35 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-  def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, fused: bool = True):
     e, m = cfg.hidden_size, cfg.intermediate_size
     # Gate and up stacked: one GEMM for both; under TP each shard holds the gate and up
     # columns of its own slice of `mlp`, so silu(gate) * up needs no communication.
-    self.gate_up_proj = _param(rngs, (e, 2, m), ("embed", "stack", "mlp"), dtype)
+    if fused:
+      self.gate_up_proj = _param(rngs, (e, 2, m), ("embed", "stack", "mlp"), dtype)
+    else:
+      self.gate_proj = _param(rngs, (e, m), ("embed", "mlp"), dtype)
+      self.up_proj = _param(rngs, (e, m), ("embed", "mlp"), dtype)
     self.down_proj = _param(rngs, (m, e), ("mlp", "embed"), dtype)
+    self.fused = fused
 
   def __call__(self, x):
-    gate_up = jnp.einsum("bse,etm->bstm", x, self.gate_up_proj[...])
-    hidden = jax.nn.silu(gate_up[:, :, 0]) * gate_up[:, :, 1]
-    return jnp.einsum("bsm,me->bse", hidden, self.down_proj[...])
+    if self.fused:
+      gate_up = jnp.einsum("bse,etm->bstm", x, self.gate_up_proj[...])
+      gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
+    else:
+      gate = jnp.einsum("bse,em->bsm", x, self.gate_proj[...])
+      up = jnp.einsum("bse,em->bsm", x, self.up_proj[...])
+    return jnp.einsum("bsm,me->bse", jax.nn.silu(gate) * up, self.down_proj[...])
 
 
 class DecoderLayer(nnx.Module):
-  def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, attention_impl: str):
+  def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, attention_impl: str,
+               fused: bool = True):
     self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-    self.self_attn = Attention(cfg, dtype, rngs, attention_impl)
+    self.self_attn = Attention(cfg, dtype, rngs, attention_impl, fused)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-    self.mlp = MLP(cfg, dtype, rngs)
+    self.mlp = MLP(cfg, dtype, rngs, fused)
 
   def __call__(self, x, positions, k_pages, v_pages, attn, scratch_kv=None,
                scratch_step=None):
@@ -242,7 +270,10 @@ class Transformer(nnx.Module):
   """
 
   def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None,
-               attention_impl: str = "xla"):
+               attention_impl: str = "xla", fused_projections: bool = True):
+    """fused_projections=False keeps HF's separate k/v and gate/up tensors (two GEMMs
+    each): the layout before FUSED_PARAMS, kept to measure what the fusion saves
+    (launch/step_programs.py) and as an oracle in tests; the engine uses the default."""
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     self.cfg = cfg
     self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
@@ -250,7 +281,8 @@ class Transformer(nnx.Module):
     # Layers are unrolled at trace time (a Python loop inside jit): each layer's weights
     # and KV pool stay separate buffers, so XLA reads them in place and updates the cache
     # in place; nothing loops over layers at run time.
-    self.layers = nnx.List([DecoderLayer(cfg, dtype, rngs, attention_impl)
+    self.layers = nnx.List([DecoderLayer(cfg, dtype, rngs, attention_impl,
+                                         fused_projections)
                             for _ in range(cfg.num_layers)])
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
     if not cfg.tie_word_embeddings:
