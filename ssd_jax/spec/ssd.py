@@ -31,8 +31,8 @@ of earlier tokens, the bookkeeping between rounds), so when the wait ends the on
 work before the next verification starts is the answer's copy and its dispatch. Closing
 the round, the same wait put the lagged read and the loop's bookkeeping between the
 answer and its verification. (XLA can evaluate conditionals on the device when they are
-captured in a CUDA graph: compiler option xla_gpu_enable_command_buffer with CONDITIONAL
-and WHILE, see ModelRunner's compiler_options; then nothing waits at all.) The
+captured in a CUDA graph: LLM(command_buffers="max"), runner.COMMAND_BUFFER_MODES; then
+nothing waits at all.) The
 verification is dispatched before the cache build: the target's verification is the
 critical path SSD is built around, and the build, a loop of K draft steps, takes the
 host longer to dispatch. The last outcome of a wave is never looked up: no round follows.
