@@ -1,5 +1,6 @@
 """Checkpoint loading errors, the GGUF cache, export round trips and random weights."""
 
+import dataclasses
 import json
 import os
 import shutil
@@ -89,6 +90,28 @@ def test_layout_block_reads_match_full_conversion(path, shape):
     index = tuple(index)
     hf_sl, post = layout.hf_slices(index)
     np.testing.assert_array_equal(layout.read_block(hf[hf_sl], post), full[index])
+
+
+def test_stacked_layout_names_and_blocks():
+  """A fused parameter reads as the stack of its HF tensors, block by block."""
+  from ssd_jax.checkpoint.layout import StackedLayout, layout_for
+  layout = layout_for(("layers", 2, "mlp", "gate_up_proj"), (6, 2, 10))
+  assert isinstance(layout, StackedLayout) and layout.stack_axis == 1
+  assert [p.hf_name for p in layout.parts] == ["model.layers.2.mlp.gate_proj.weight",
+                                               "model.layers.2.mlp.up_proj.weight"]
+  assert all(p.hf_shape == (10, 6) for p in layout.parts)
+  kv = layout_for(("layers", 0, "self_attn", "kv_bias"), (2, 4, 5))
+  assert [p.hf_name for p in kv.parts] == ["model.layers.0.self_attn.k_proj.bias",
+                                           "model.layers.0.self_attn.v_proj.bias"]
+  assert kv.kind == "bias" and kv.part_spec((None, "tp", None)) == ("tp", None)
+  hfs = [np.arange(60, dtype=np.float32).reshape(10, 6) + 100 * j for j in range(2)]
+  full = np.stack([p.from_hf(h) for p, h in zip(layout.parts, hfs)], axis=1)
+  index = (slice(1, 4), slice(1, 2), slice(5, 10))
+  parts, rest = layout.part_index(index)
+  assert len(parts) == 1 and parts[0] is layout.parts[1]
+  hf_sl, post = parts[0].hf_slices(rest)
+  np.testing.assert_array_equal(parts[0].read_block(hfs[1][hf_sl], post),
+                                full[index][:, 0])
 
 
 def test_on_device_layout_conversion_matches_host(tmp_path):
@@ -328,14 +351,18 @@ def test_random_model_shapes_and_shardings():
     assert tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec)) == expect
   attn = model.layers[0].self_attn
   assert attn.q_proj[...].sharding.spec == P(None, "tp", None)
+  # Fused parameters: the stacking axis is never sharded, the heads / MLP columns are.
+  assert attn.kv_proj[...].sharding.spec == P(None, None, "tp", None)
+  assert model.layers[0].mlp.gate_up_proj[...].sharding.spec == P(None, None, "tp")
   np.testing.assert_array_equal(np.asarray(attn.q_norm.weight[...], np.float32), 1.0)
-  w = np.asarray(model.layers[1].mlp.up_proj[...], np.float32)
+  up = lambda m, i: np.asarray(m.layers[i].mlp.gate_up_proj[...], np.float32)[:, 1]
+  w = up(model, 1)
   assert abs(w.std() - 0.02) < 0.002 and abs(w.mean()) < 0.002
   same = random_model(cfg, dtype=jnp.bfloat16, mesh=mesh, seed=1)
   other = random_model(cfg, dtype=jnp.bfloat16, mesh=mesh, seed=2)
-  np.testing.assert_array_equal(np.asarray(same.layers[1].mlp.up_proj[...], np.float32), w)
-  assert not np.array_equal(np.asarray(other.layers[1].mlp.up_proj[...], np.float32), w)
-  assert not np.array_equal(np.asarray(model.layers[0].mlp.up_proj[...], np.float32), w)
+  np.testing.assert_array_equal(up(same, 1), w)
+  assert not np.array_equal(up(other, 1), w)
+  assert not np.array_equal(up(model, 0), w)
 
 
 @pytest.mark.parametrize("name", ["llama-3.1-8b", "qwen3-0.6b"])
@@ -358,7 +385,7 @@ def test_write_random_hf_checkpoint_loads_in_both(tmp_path):
   model, cfg2 = load_model(out)
   assert cfg2 == cfg
   np.testing.assert_array_equal(np.asarray(model.norm.weight[...]), 1.0)
-  w = np.asarray(model.layers[0].mlp.gate_proj[...])
+  w = np.asarray(model.layers[0].mlp.gate_up_proj[...])[:, 0]  # HF's gate_proj
   assert 0.015 < w.std() < 0.025
   again = write_random_hf_checkpoint(cfg, str(tmp_path / "rand2"), dtype="bfloat16", seed=3,
                                      max_shard_bytes=8 * 1024)
@@ -369,3 +396,30 @@ def test_write_random_hf_checkpoint_loads_in_both(tmp_path):
   r = helpers.run_paged(model, cfg, PROMPTS, 1)
   for b, p in enumerate(PROMPTS):
     assert helpers.max_rel_err(r["prefill"][b, :len(p)], helpers.hf_logits(hf, p)) < 1e-5
+
+
+def test_fused_projections_equal_separate_ones(tmp_path):
+  """The fused model computes what HF's separate k/v and gate/up tensors compute: an
+  unfused model's weights, stacked, give the same logits, and its HF export loads into
+  the (fused) engine with the same logits too."""
+  from ssd_jax.config import ModelConfig
+  from ssd_jax.distill import draft_init
+  from ssd_jax.distill.train import causal_forward
+  from ssd_jax.models.transformer import Transformer, fuse_flat
+  cfg = ModelConfig.from_hf_dict(helpers.hf_config("llama").to_dict())
+  cfg = dataclasses.replace(cfg, attention_bias=True)
+  sep = Transformer(cfg, rngs=nnx.Rngs(3), fused_projections=False)
+  flat = draft_init.flat_params(sep)
+  assert "layers.0.self_attn.k_proj" in flat and "layers.0.mlp.up_proj" in flat
+  flat = {k: (v + 0.1 if k.endswith("_bias") else v) for k, v in flat.items()}
+  draft_init.assign_params(sep, flat)
+  fused = Transformer(cfg, rngs=nnx.Rngs(4))
+  draft_init.assign_params(fused, fuse_flat({k: np.asarray(v) for k, v in flat.items()}))
+  tokens = jnp.asarray([PROMPTS[0]], jnp.int32)
+  want = np.asarray(causal_forward(sep, tokens))
+  np.testing.assert_allclose(np.asarray(causal_forward(fused, tokens)), want,
+                             rtol=2e-5, atol=2e-5)
+  out = save_hf_checkpoint(sep, cfg, str(tmp_path / "sep"))
+  loaded, _ = load_model(out)
+  np.testing.assert_allclose(np.asarray(causal_forward(loaded, tokens)), want,
+                             rtol=2e-5, atol=2e-5)

@@ -113,6 +113,26 @@ def test_no_recompilation_after_warmup():
   m = llm.last_metrics
   assert m["compilations"] == 0 and m["profiled_round_ms"] > 0
   assert "hit_round_ms" in m or "miss_round_ms" in m
+  # Host tracing times each dispatch of a round; it adds no program and no sync.
+  llm.decoder.profile, llm.decoder.trace_host = False, True
+  llm.reset_prefix_cache()
+  outs = llm.generate(other, SamplingParams(max_new_tokens=12, ignore_eos=True))
+  m = llm.last_metrics
+  assert m["compilations"] == 0 and "profiled_round_ms" not in m
+  assert {"host_lookup_ms", "host_verify_ms", "host_build_ms", "host_drain_ms"} <= set(m)
+  llm.decoder.trace_host = False
+
+
+def test_command_buffer_modes_are_compile_options():
+  """XLA command-buffer modes are per-program compiler options (GPU only; ignored on
+  CPU): the outputs stay AR's, and an unknown mode is refused at once."""
+  ref = _generate(LLM(TARGET, method="ar", **COMMON), PROMPTS[:1], max_new=6)
+  llm = LLM(TARGET, DRAFTS["noisy"], method="ssd", k=3, f=2, command_buffers="max",
+            **COMMON)
+  assert llm.draft.compiler_options["xla_gpu_enable_command_buffer"].endswith("CONDITIONAL")
+  assert _generate(llm, PROMPTS[:1], max_new=6) == ref
+  with pytest.raises(ValueError, match="command_buffers"):
+    LLM(TARGET, method="ar", command_buffers="all", **COMMON)
 
 
 @pytest.mark.parametrize("method", ["ar", "sd", "ssd"])

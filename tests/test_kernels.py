@@ -259,3 +259,27 @@ def test_model_pallas_matches_xla():
   # Verify K+1 = 4 tokens.
   pos = lengths[:, None] + np.arange(4)
   step(rng.integers(0, cfg.vocab_size, (batch, 4)), pos, np.ones((batch, 4), bool))
+
+
+@pytest.mark.parametrize("kv_len,empty_paged", [(1, False), (3, False), (4, True)])
+def test_extend_attention_equals_dense_plus_merge(kv_len, empty_paged):
+  """The fused tree-scratch extension equals attention over the scratch merged with the
+  paged result (the two-step form it replaces), including rows whose paged part saw
+  nothing (lse = NEG_INF) and slots past kv_len holding garbage."""
+  rng = np.random.default_rng(kv_len)
+  b, m, hq, hkv, d, s = 2, 5, 4, 2, 8, 4
+  q = jnp.asarray(rng.standard_normal((b, m, hq, d)), jnp.float32)
+  out = jnp.asarray(rng.standard_normal((b, m, hq, d)), jnp.float32)
+  lse = jnp.asarray(rng.standard_normal((b, m, hq)), jnp.float32)
+  if empty_paged:
+    out = out.at[0].set(0.0)
+    lse = lse.at[0].set(NEG_INF)
+  skv = rng.standard_normal((b, m, s, 2, hkv, d)).astype(np.float32)
+  skv[:, :, kv_len:] = 1e4  # never visible: must not leak
+  skv = jnp.asarray(skv)
+  with jax.default_matmul_precision("highest"):
+    o2, l2 = reference.dense_attention(q, skv[:, :, :, 0], skv[:, :, :, 1], kv_len,
+                                       scale=0.3)
+    want = reference.merge_attention(out, lse, o2, l2)
+  got = reference.extend_attention(out, lse, q, skv, kv_len, scale=0.3)
+  np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)

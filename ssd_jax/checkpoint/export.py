@@ -8,6 +8,7 @@ the host one at a time.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 
@@ -36,12 +37,24 @@ def save_hf_checkpoint(model, cfg: ModelConfig, out_dir: str, tokenizer=None, dt
     value = var_value(var)
     np_dtype = np.dtype(jnp.dtype(dtype if dtype is not None else value.dtype))
     names.append(np_dtype.name)
+    # A stacked parameter (k/v, gate/up) becomes one HF tensor per part; the parameter is
+    # gathered to the host once, when its first part is written, and dropped after the
+    # last (tensors are written in order).
+    held: dict = {}
 
-    def produce(value=value, layout=layout, np_dtype=np_dtype):
-      host = np.asarray(jax.device_get(value))
-      yield from chunks_of(layout.to_hf(host).astype(np_dtype, copy=False))
+    def produce(value=value, part=None, j=0, layout=layout, np_dtype=np_dtype, held=held):
+      if "host" not in held:
+        held["host"] = np.asarray(jax.device_get(value))
+      host = held["host"]
+      if layout.stack_axis is not None:
+        host = np.take(host, j, axis=layout.stack_axis)
+      if j == len(layout.parts) - 1:
+        held.clear()
+      yield from chunks_of(part.to_hf(host).astype(np_dtype, copy=False))
 
-    specs.append(TensorSpec(layout.hf_name, layout.hf_shape, np_dtype, produce))
+    for j, part in enumerate(layout.parts):
+      specs.append(TensorSpec(part.hf_name, part.hf_shape, np_dtype,
+                              functools.partial(produce, part=part, j=j)))
   write_safetensors(out_dir, specs, max_shard_bytes=max_shard_bytes)
   hf = cfg.to_hf_dict()
   if names:

@@ -3,8 +3,11 @@
 Our parameters are split per head for sharding (q_proj [embed, heads, head_dim], o_proj
 [heads, head_dim, embed], ...) while HF stores `nn.Linear` weights as [out, in]. Every
 parameter is described by one `TensorLayout`: our array is the HF tensor reshaped to
-`split` and transposed by `perm`. The loader, the exporter and the random-checkpoint
-writer all use this one table, so they cannot drift apart.
+`split` and transposed by `perm`. A fused parameter (K and V, gate and up: one GEMM
+each, `FUSED_PARAMS` in models/transformer.py) is a `StackedLayout`: several such HF
+tensors stacked along one (never sharded) axis. The loader, the exporter and the
+random-checkpoint writer all use this one table, so they cannot drift apart; each of them
+reads or writes `layout.parts`, the HF tensors of a parameter, one at a time.
 """
 
 from __future__ import annotations
@@ -16,8 +19,11 @@ import jax
 import numpy as np
 from flax import nnx
 
+from ssd_jax.models.transformer import FUSED_PARAMS
+
 # Linear weights whose first `n` of our axes are the input side (HF's second dim);
 # the remaining axes are the output side (HF's first dim), split per head where needed.
+# k/v and gate/up are the parts of fused parameters (StackedLayout), laid out as if alone.
 _LINEAR_IN_AXES = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1,
                    "up_proj": 1, "down_proj": 1, "lm_head": 1}
 _BIASES = {"q_bias": "q_proj", "k_bias": "k_proj", "v_bias": "v_proj", "o_bias": "o_proj"}
@@ -63,6 +69,13 @@ class TensorLayout:
     return tuple(out)
 
   @property
+  def parts(self) -> tuple["TensorLayout", ...]:
+    """The HF tensors this parameter is made of: itself."""
+    return (self,)
+
+  stack_axis = None  # not stacked (see StackedLayout)
+
+  @property
   def is_identity(self) -> bool:
     return self.split == self.hf_shape and self.perm == tuple(range(len(self.perm)))
 
@@ -105,6 +118,39 @@ class TensorLayout:
     return np.transpose(block, self.perm)
 
 
+@dataclasses.dataclass(frozen=True)
+class StackedLayout:
+  """A parameter made of HF tensors stacked along `stack_axis` of ours.
+
+  parts[j] is the layout of the j-th HF tensor (e.g. k_proj, then v_proj), as if it were a
+  parameter of our shape without the stacking axis; ours[..., j, ...] (j on stack_axis)
+  is that part. The stacking axis is never sharded (logical name "stack"), so a device's
+  block of ours is the stack of the same block of every part.
+  """
+  path: tuple
+  shape: tuple
+  stack_axis: int
+  parts: tuple
+
+  @property
+  def kind(self) -> str:
+    return self.parts[0].kind
+
+  def part_spec(self, ours_spec: tuple) -> tuple:
+    """Our partition spec without the stacking axis: the spec of each part."""
+    ours_spec = tuple(ours_spec) + (None,) * (len(self.shape) - len(ours_spec))
+    if ours_spec[self.stack_axis] is not None:
+      raise ValueError(f"{'.'.join(map(str, self.path))}: the stacking axis must not be "
+                       f"sharded (spec {ours_spec})")
+    return ours_spec[:self.stack_axis] + ours_spec[self.stack_axis + 1:]
+
+  def part_index(self, index: tuple) -> tuple[tuple, tuple]:
+    """For a block `index` of ours: (the parts it covers, the index into each part)."""
+    index = tuple(index) + (slice(None),) * (len(self.shape) - len(index))
+    return (self.parts[index[self.stack_axis]],
+            index[:self.stack_axis] + index[self.stack_axis + 1:])
+
+
 def _key(k):
   for attr in ("key", "idx", "name"):
     if hasattr(k, attr):
@@ -117,9 +163,17 @@ def state_path(keypath) -> tuple:
   return tuple(_key(k) for k in keypath)
 
 
-def layout_for(path: tuple, shape: tuple) -> TensorLayout:
-  """The HF name and layout of one of our parameters, given its path and shape."""
+def layout_for(path: tuple, shape: tuple) -> TensorLayout | StackedLayout:
+  """The HF name(s) and layout of one of our parameters, given its path and shape."""
   shape = tuple(int(s) for s in shape)
+  if path and path[-1] in FUSED_PARAMS:
+    names, axis = FUSED_PARAMS[path[-1]]
+    if len(shape) <= axis or shape[axis] != len(names):
+      raise KeyError(f"{'.'.join(map(str, path))}: shape {shape} does not stack "
+                     f"{len(names)} tensors on axis {axis}")
+    part_shape = shape[:axis] + shape[axis + 1:]
+    parts = tuple(layout_for(path[:-1] + (name,), part_shape) for name in names)
+    return StackedLayout(path, shape, axis, parts)
   ident = lambda name: TensorLayout(path, name, shape, shape, tuple(range(len(shape))),
                                     (1,) * len(shape))
   if path == ("embed_tokens",):
@@ -155,7 +209,7 @@ def is_param(x) -> bool:
   return isinstance(x, nnx.Param)
 
 
-def param_layouts(abstract_state) -> list[tuple[TensorLayout, object]]:
+def param_layouts(abstract_state) -> list[tuple[TensorLayout | StackedLayout, object]]:
   """(layout, Param) for every nnx.Param of a (possibly abstract) model state, in order."""
   leaves = jax.tree_util.tree_flatten_with_path(
       abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]

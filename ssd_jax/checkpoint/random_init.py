@@ -93,17 +93,19 @@ def _group_drawer(specs: tuple, dtype):
 
 
 def random_model(cfg: ModelConfig, *, dtype=jnp.bfloat16, mesh=None, seed: int = 0,
-                 attention_impl: str = "xla"):
+                 attention_impl: str = "xla", fused_projections: bool = True):
   """A Transformer with random weights (normal(0, 0.02); norms 1; biases 0) on devices.
 
   Parameters are drawn by jitted functions whose output shardings are the parameters'
   (one program per decoder layer, shared by all layers, plus one for the rest), so
   nothing is built on the host and peak memory is about the model itself. Parameter i
   uses key fold_in(key(seed, impl="rbg"), i); values are reproducible for one seed and
-  mesh, not across meshes.
+  mesh, not across meshes. fused_projections=False builds the unfused layout (separate
+  k/v, gate/up tensors; see Transformer), for measuring what the fusion saves.
   """
   dtype = jnp.dtype(dtype)
-  graphdef, abstract_state = abstract_model(cfg, dtype, mesh, attention_impl)
+  graphdef, abstract_state = abstract_model(cfg, dtype, mesh, attention_impl,
+                                            fused_projections=fused_projections)
   layouts = param_layouts(abstract_state)
   check_mesh(cfg, mesh, layouts)
   # RBG keys: XLA's RngBitGenerator compiles far faster than threefry (seconds per
@@ -147,9 +149,10 @@ def write_random_hf_checkpoint(cfg: ModelConfig, out_dir: str, dtype: str = "bfl
   workers = max(1, min(16, os.cpu_count() or 1))
   with concurrent.futures.ThreadPoolExecutor(workers) as pool:
     specs = []
-    for i, (layout, _) in enumerate(param_layouts(abstract_state)):
-      specs.append(TensorSpec(layout.hf_name, layout.hf_shape, np_dtype,
-                              functools.partial(_random_chunks, layout.hf_shape, layout.kind,
+    parts = [part for layout, _ in param_layouts(abstract_state) for part in layout.parts]
+    for i, part in enumerate(parts):  # i: the HF tensor's index, part of its seed
+      specs.append(TensorSpec(part.hf_name, part.hf_shape, np_dtype,
+                              functools.partial(_random_chunks, part.hf_shape, part.kind,
                                                 np_dtype, seed, i, pool, 2 * workers)))
     write_safetensors(out_dir, specs, max_shard_bytes=max_shard_bytes)
   hf = cfg.to_hf_dict()

@@ -118,7 +118,7 @@ class WeightFiles:
 
 def _check_unsupported(files: WeightFiles, cfg: ModelConfig, layouts) -> None:
   """Tensors HF would use but our model cannot (an output-projection bias)."""
-  ours = {layout.hf_name for layout, _ in layouts}
+  ours = {part.hf_name for layout, _ in layouts for part in layout.parts}
   if cfg.attention_bias:
     for i in range(cfg.num_layers):
       name = f"model.layers.{i}.self_attn.o_proj.bias"
@@ -136,12 +136,24 @@ def _hf_sharding(layout, sharding):
   return None if hf_spec is None else NamedSharding(sharding.mesh, P(*hf_spec))
 
 
+def _part_sharding(layout, sharding):
+  """The sharding of each HF part of a stacked parameter: ours without the stack axis."""
+  if layout.stack_axis is None or not isinstance(sharding, NamedSharding):
+    return sharding
+  return NamedSharding(sharding.mesh, P(*layout.part_spec(tuple(sharding.spec))))
+
+
 @functools.lru_cache(maxsize=None)
-def _to_ours(split: tuple, perm: tuple, dtype, sharding):
-  """On-device HF -> our layout (reshape per head, transpose, cast); no data moves
-  between devices because the input is sharded by `_hf_sharding`."""
-  return jax.jit(lambda x: jnp.transpose(x.reshape(split), perm).astype(dtype),
-                 out_shardings=sharding)
+def _to_ours(parts: tuple, stack_axis, dtype, sharding):
+  """On-device HF -> our layout: each part (split, perm) reshaped per head, transposed,
+  cast, and the parts stacked on `stack_axis` when there are several. No data moves
+  between devices: every input is sharded by `_hf_sharding`, and the stacking axis of
+  the output is not sharded."""
+  def convert(*raws):
+    outs = [jnp.transpose(x.reshape(split), perm).astype(dtype)
+            for x, (split, perm) in zip(raws, parts)]
+    return outs[0] if stack_axis is None else jnp.stack(outs, axis=stack_axis)
+  return jax.jit(convert, out_shardings=sharding)
 
 
 def read_model(model_dir: str, cfg: ModelConfig, *, dtype, mesh=None,
@@ -157,35 +169,51 @@ def read_model(model_dir: str, cfg: ModelConfig, *, dtype, mesh=None,
   check_mesh(cfg, mesh, layouts)
   files = WeightFiles(model_dir)
   for layout, _ in layouts:
-    files.check(layout.hf_name, layout.hf_shape)
+    for part in layout.parts:
+      files.check(part.hf_name, part.hf_shape)
   _check_unsupported(files, cfg, layouts)
   target = np.dtype(jnp.dtype(dtype))
   if on_device is None:
     device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]
     on_device = device.platform != "cpu"
 
+  def raw_part(part, part_sharding):
+    """One HF tensor, as stored, in the sharding that needs no movement to become ours
+    (None when no HF-layout sharding can express it)."""
+    hf_sharding = _hf_sharding(part, part_sharding)
+    if hf_sharding is None:
+      return None
+    src = files.slice_of(part.hf_name)
+    wide = src.get_dtype() == "F64"  # jax without x64 would silently narrow it anyway
+
+    def raw_block(index):
+      arr = src[index]
+      return arr.astype(np.float32) if wide else np.ascontiguousarray(arr)
+
+    return jax.make_array_from_callback(part.hf_shape, hf_sharding, raw_block)
+
+  def host_block(layout, index):
+    """Our block `index` of a parameter, read from the file(s) and converted by numpy."""
+    if layout.stack_axis is not None:
+      parts, rest = layout.part_index(index)
+      return np.stack([host_block(p, rest) for p in parts], axis=layout.stack_axis)
+    hf_sl, post = layout.hf_slices(index)
+    arr = layout.read_block(files.slice_of(layout.hf_name)[hf_sl], post)
+    return np.ascontiguousarray(arr, dtype=target)
+
   def make(_, layout, var):
-    src = files.slice_of(layout.hf_name)
     sharding = param_sharding(mesh, var, layout.shape)
-    hf_sharding = _hf_sharding(layout, sharding) if on_device else None
-    if hf_sharding is not None:
-      wide = src.get_dtype() == "F64"  # jax without x64 would silently narrow it anyway
-
-      def raw_block(index):
-        arr = src[index]
-        return arr.astype(np.float32) if wide else np.ascontiguousarray(arr)
-
-      raw = jax.make_array_from_callback(layout.hf_shape, hf_sharding, raw_block)
-      if layout.is_identity and raw.dtype == target:
-        return raw
-      return _to_ours(layout.split, layout.perm, target, sharding)(raw)
-
-    def block(index):
-      hf_sl, post = layout.hf_slices(index)
-      arr = layout.read_block(src[hf_sl], post)
-      return np.ascontiguousarray(arr, dtype=target)
-
-    return jax.make_array_from_callback(layout.shape, sharding, block)
+    if on_device:
+      part_sharding = _part_sharding(layout, sharding)
+      raws = [raw_part(part, part_sharding) for part in layout.parts]
+      if all(r is not None for r in raws):
+        if (layout.stack_axis is None and layout.is_identity
+            and raws[0].dtype == target):
+          return raws[0]
+        return _to_ours(tuple((p.split, p.perm) for p in layout.parts), layout.stack_axis,
+                        target, sharding)(*raws)
+    return jax.make_array_from_callback(layout.shape, sharding,
+                                        lambda index: host_block(layout, index))
 
   try:
     return materialize(graphdef, abstract_state, cfg, make)

@@ -21,7 +21,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ssd_jax.config import ModelConfig
-from ssd_jax.models.transformer import Transformer
+from ssd_jax.models.transformer import Transformer, fuse_flat, unfuse_flat
 
 
 def draft_config(target_cfg: ModelConfig, *, num_layers: int = 4, hidden_size: int | None = None,
@@ -123,9 +123,11 @@ def build_draft(cfg: ModelConfig, *, target: Transformer | None = None,
 # --- the repo format of a default draft: its non-embedding weights only -------------------
 #
 # A draft with frozen embeddings shares them with its target, so the repository keeps only
-# the other weights (bf16 safetensors, in the engine's own names and shapes) plus a json with
-# the config; `ensure_default_draft` joins them with the target's embedding into a full
-# HuggingFace dir in the cache on first use.
+# the other weights (bf16 safetensors, in the engine's own names and shapes, except that
+# fused parameters are stored as their separate HF-named parts: k_proj and v_proj, not
+# kv_proj, so files written before the fusion still load) plus a json with the config;
+# `ensure_default_draft` joins them with the target's embedding into a full HuggingFace
+# dir in the cache on first use.
 
 DEFAULT_DRAFT_NAME = "smollm2-135m-draft"
 LAYERS_PREFIX = "draft_layers"
@@ -165,13 +167,17 @@ def int8_dequantize(q, scale, shape) -> "np.ndarray":
 
 
 def int8_round_trip(flat: dict) -> dict:
-  """The float32 weights that int8 storage gives back (vectors and embeddings unchanged)."""
+  """The float32 weights that int8 storage gives back (vectors and embeddings unchanged).
+
+  A fused parameter is stored as its parts, each quantized on its own (block boundaries
+  follow the parts), so it is split, round-tripped part by part and stacked again."""
   import numpy as np
   out = {}
   for k, v in flat.items():
-    v = np.asarray(v, np.float32)
-    out[k] = v if v.ndim < 2 or k == "embed_tokens" else int8_dequantize(
-        *int8_quantize(v), v.shape)
+    parts = unfuse_flat({k: np.asarray(v, np.float32)})
+    parts = {pk: pv if pv.ndim < 2 or pk == "embed_tokens" else int8_dequantize(
+        *int8_quantize(pv), pv.shape) for pk, pv in parts.items()}
+    out[k] = fuse_flat(parts)[k]
   return out
 
 
@@ -196,7 +202,8 @@ def write_draft_layers(flat: dict, cfg: ModelConfig, out_dir: str, *, shard_mb: 
   if storage not in ("bfloat16", "int8"):
     raise ValueError(f"draft layer storage {storage!r}: use bfloat16 or int8")
   os.makedirs(out_dir, exist_ok=True)
-  flat = {k: v for k, v in flat.items() if k != "embed_tokens"}
+  # Fused parameters are stored as their HF-named parts (k_proj, v_proj, gate_proj, up_proj).
+  flat = unfuse_flat({k: np.asarray(v) for k, v in flat.items() if k != "embed_tokens"})
   shapes = {k: list(np.shape(v)) for k, v in flat.items()}
   if storage == "int8":
     packed = {}
@@ -238,7 +245,8 @@ def write_draft_layers(flat: dict, cfg: ModelConfig, out_dir: str, *, shard_mb: 
 
 
 def load_draft_layers(src_dir: str) -> tuple[ModelConfig, dict]:
-  """(config, {name: array}) from a `save_draft_layers` directory (int8 dequantized)."""
+  """(config, {name: array}) from a `save_draft_layers` directory, in the model's names
+  (int8 dequantized; the stored k/v and gate/up parts stacked into the fused parameters)."""
   import ml_dtypes
   from safetensors.numpy import load_file
   with open(os.path.join(src_dir, "draft.json")) as f:
@@ -258,7 +266,7 @@ def load_draft_layers(src_dir: str) -> tuple[ModelConfig, dict]:
       flat[k] = int8_dequantize(v, raw[k + SCALE_SUFFIX], tuple(meta["shapes"][k]))
     else:
       flat[k] = v
-  return cfg, flat
+  return cfg, fuse_flat(flat)
 
 
 def _digest(src_dir: str) -> str:

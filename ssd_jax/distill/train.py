@@ -52,7 +52,7 @@ def causal_forward(model: Transformer, tokens: jax.Array) -> jax.Array:
 class Functional:
   """A model as (static graph, named parameter arrays): what jit and optax want.
 
-  `params` maps dotted names ('layers.0.mlp.up_proj') to arrays; `bind(params)` rebuilds
+  `params` maps dotted names ('layers.0.mlp.gate_up_proj') to arrays; `bind(params)` rebuilds
   the module inside a traced function.
   """
 

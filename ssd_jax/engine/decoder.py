@@ -5,12 +5,20 @@ A decoder (AR, SD, SSD) implements two things: `start(wave)`, which prefills and
 the device state holding each sequence's first generated token, and `round(state)`, which
 dispatches one step/round and returns the new state plus the tokens it emitted. The host
 loop here never waits on the round it just dispatched: it reads the tokens of a round
-`lag` rounds back, so the devices always have queued work.
+`lag` rounds back, so the devices always have queued work. The copies of those tokens to
+the host are started as soon as a round is dispatched (`copy_to_host_async`), so the
+lagged read finds them already there instead of running a device-to-host transfer (and
+its synchronisation) between two dispatches.
+
+`trace_host` records how long the host spends in each dispatch of a round (no device
+synchronisation is added): a dispatch that takes as long as the device work before it
+is a host stall (e.g. a `lax.cond` on GPU, whose predicate XLA copies to the host).
 """
 
 from __future__ import annotations
 
 import collections
+import contextlib
 import dataclasses
 import time
 
@@ -101,6 +109,8 @@ class Decoder:
   # profile=True blocks at the end of every round to time it (work *inside* a round still
   # overlaps); off by default because it stops the host from running ahead.
   profile = False
+  # trace_host=True times each host-side dispatch of a round (adds no synchronisation).
+  trace_host = False
 
   def __init__(self, tokenizer_decode, eos_ids: tuple[int, ...]):
     self.decode_text = tokenizer_decode
@@ -119,10 +129,28 @@ class Decoder:
   def num_compilations(self) -> int:
     raise NotImplementedError
 
+  def in_flight(self):
+    """Device arrays of work a round dispatched that its outputs do not cover (SSD's
+    cache for the next lookup); profile mode waits for them too."""
+    return ()
+
+  @contextlib.contextmanager
+  def host(self, name: str):
+    """Times the enclosed host work as phase `host_<name>` when trace_host is on."""
+    if not self.trace_host:
+      yield
+      return
+    t0 = time.perf_counter()
+    try:
+      yield
+    finally:
+      self.phase_times[f"host_{name}"].append(time.perf_counter() - t0)
+
   def profile_summary(self) -> dict:
-    """Per-round wall times from profile mode, split by SSD cache hit / miss."""
+    """Per-round wall times from profile mode, split by SSD cache hit / miss, and the
+    median of every recorded phase (profile mode's splits, trace_host's dispatches)."""
     times = [t for t, _ in self.round_times]
-    out = {"profiled_round_ms": 1e3 * float(np.median(times))}
+    out = {"profiled_round_ms": 1e3 * float(np.median(times))} if times else {}
     hits = [t for t, h in self.round_times if h]
     misses = [t for t, h in self.round_times if h is False]
     if hits:
@@ -152,18 +180,24 @@ class Decoder:
       if all(s.is_finished for s in wave.seqs):
         break
       t_round = time.perf_counter()
-      state, emitted, count, info = self.round(state)
+      with self.host("round"):
+        state, emitted, count, info = self.round(state)
       stats.rounds += 1
       if self.profile:
-        jax.block_until_ready((state, emitted, count, info))
+        jax.block_until_ready((state, emitted, count, info, self.in_flight()))
         all_hit = None
         if "hit" in info:  # a round is a hit when every sequence that looked up hit
           hit, asked = np.asarray(info["hit"]), np.asarray(info["looked_up"])
           all_hit = bool(np.all(hit[asked])) if asked.any() else None
         self.round_times.append((time.perf_counter() - t_round, all_hit))
+      # Start the device-to-host copies now; the lagged read below then finds the data
+      # on the host instead of waiting for a transfer between two dispatches.
+      for x in (emitted, count, *info.values()):
+        x.copy_to_host_async()
       pending.append((emitted, count, info))
       if len(pending) > self.lag:
-        self._drain(wave, pending.popleft(), progress)
+        with self.host("drain"):
+          self._drain(wave, pending.popleft(), progress)
     while pending:
       self._drain(wave, pending.popleft(), progress)
     for seq in wave.seqs:  # a sequence the device stopped without a host-side reason

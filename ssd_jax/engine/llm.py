@@ -21,7 +21,7 @@ import numpy as np
 from ssd_jax.engine.ar import ARDecoder
 from ssd_jax.engine.block_manager import BlockManager
 from ssd_jax.engine.decoder import Decoder
-from ssd_jax.engine.runner import ModelRunner
+from ssd_jax.engine.runner import ModelRunner, compiler_options_for
 from ssd_jax.engine.sampling import SamplingParams
 from ssd_jax.engine.scheduler import Scheduler
 from ssd_jax.engine.sequence import Sequence
@@ -56,6 +56,8 @@ class LLM:
     embedded default), or an already built `Transformer` (research use; pass `tokenizer`).
   mesh: "TxD" for the target (T-way tensor parallel x D replicas); draft_devices: devices
     after those for the draft's own mesh (0: the draft shares the target's devices).
+  command_buffers: None (XLA's default), or a mode of runner.COMMAND_BUFFER_MODES
+    ("off", "max") for how much of each program XLA records into CUDA graphs (GPU only).
   """
 
   def __init__(self, model=None, draft=None, *, method: str = "ar", mesh: str = "1x1",
@@ -65,7 +67,7 @@ class LLM:
                draft_temperature: float | None = None, max_batch_size: int = 8,
                max_model_len: int = 2048, page_size: int = 64, num_pages: int | None = None,
                attention_impl: str = "auto", profile: bool = False, tokenizer=None,
-               devices=None):
+               devices=None, command_buffers: str | None = None):
     if method not in METHODS:
       raise ValueError(f"method {method!r} is unknown; use one of {', '.join(METHODS)}")
     dtype = dtype or _default_dtype()
@@ -85,6 +87,7 @@ class LLM:
     if method == "ar" and draft_devices:
       raise ValueError("--draft-devices needs --method sd or ssd (AR has no draft)")
     self.target_mesh, self.draft_mesh = make_meshes(spec, draft_devices, devices)
+    copts = compiler_options_for(command_buffers)
 
     self.target_model, self.tokenizer = self._load(model, self.target_mesh, impl, tokenizer,
                                                    "target")
@@ -92,7 +95,7 @@ class LLM:
     pages_per_seq = -(-(max_model_len + 2 * (k + 1)) // page_size)
     num_pages = num_pages or max_batch_size * pages_per_seq + pages_per_seq
     self.target = ModelRunner(self.target_model, self.target_mesh, num_pages=num_pages,
-                              page_size=page_size, name="target")
+                              page_size=page_size, name="target", compiler_options=copts)
     self.blocks = BlockManager(num_pages, page_size)
     slack = k + 1 if method != "ar" else 0
     self.scheduler = Scheduler(self.blocks, max_batch_size, slack)
@@ -118,7 +121,7 @@ class LLM:
       raise ValueError(f"draft vocab_size {draft_model.cfg.vocab_size} differs from the "
                        f"target's {self.cfg.vocab_size}: the draft must share the tokenizer")
     self.draft = ModelRunner(draft_model, draft_mesh, num_pages=num_pages,
-                             page_size=page_size, name="draft")
+                             page_size=page_size, name="draft", compiler_options=copts)
     from ssd_jax.spec.sd import SDDecoder, SpecOptions
     if method == "sd":
       self.decoder = SDDecoder(self.target, self.draft,
@@ -247,7 +250,7 @@ class LLM:
     }
     if self.method == "ar":
       self.last_metrics["mean_accepted"] = None
-    if self.decoder.round_times:
+    if self.decoder.round_times or self.decoder.phase_times:
       self.last_metrics.update(self.decoder.profile_summary())
     return outs
 

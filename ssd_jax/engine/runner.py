@@ -22,6 +22,35 @@ from ssd_jax.models.transformer import AttentionInputs, KVCache, Transformer, in
 from ssd_jax.sharding.rules import KV_PAGES_AXES, param_shardings, sharding_for
 
 
+# XLA command buffers (CUDA graphs) for every program of a runner, as per-compile XLA
+# options (`jax.jit(compiler_options=...)`; ignored off GPU). At batch 1 a step is
+# hundreds of small kernels, and the host launching them one by one can be slower than
+# the GPU running them.
+#   default: XLA's own choice (straight-line runs of >= 5 kernels / library calls in one
+#            graph; loops and conditionals stay on the host: a `lax.cond` copies its
+#            predicate to the host and waits for it, a scan launches its body per step);
+#   off:     every kernel launched by the host (to measure how launch-bound a program is);
+#   max:     loops and conditionals too (CUDA graph conditional nodes), in graphs of any
+#            size: a whole program, scans and the SSD lookup's fallback included, can be
+#            one graph launch and never waits on the host.
+COMMAND_BUFFER_MODES: dict[str, dict | None] = {
+    "default": None,
+    "off": {"xla_gpu_enable_command_buffer": ""},
+    "max": {"xla_gpu_enable_command_buffer":
+            "FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,CUDNN,WHILE,CONDITIONAL",
+            "xla_gpu_graph_min_graph_size": 1},
+}
+
+
+def compiler_options_for(command_buffers: str | None) -> dict | None:
+  if command_buffers is None:
+    return None
+  if command_buffers not in COMMAND_BUFFER_MODES:
+    raise ValueError(f"command_buffers {command_buffers!r} is unknown; use one of "
+                     f"{', '.join(COMMAND_BUFFER_MODES)}")
+  return COMMAND_BUFFER_MODES[command_buffers]
+
+
 def bucket(n: int, minimum: int = 1) -> int:
   """Round up to a power of two (shape buckets keep the number of programs small)."""
   n = max(n, minimum)
@@ -36,8 +65,9 @@ def slot_mapping(page_table, positions, valid, page_size: int):
 
 class ModelRunner:
   def __init__(self, model: Transformer, mesh, *, num_pages: int, page_size: int,
-               kv_dtype=None, name: str = "model"):
+               kv_dtype=None, name: str = "model", compiler_options: dict | None = None):
     self.name = name
+    self.compiler_options = dict(compiler_options) if compiler_options else None
     self.cfg = model.cfg
     self.mesh = mesh
     self.page_size = page_size
@@ -87,6 +117,8 @@ class ModelRunner:
           lambda x: jax.lax.with_sharding_constraint(x, self.kv_shardings)
           if isinstance(x, KVCache) else x, out, is_leaf=lambda x: isinstance(x, KVCache))
     functools.update_wrapper(pinned, fn)
+    if self.compiler_options:
+      kwargs.setdefault("compiler_options", self.compiler_options)
     jitted = jax.jit(pinned, **kwargs)
     self._jitted.append(jitted)
     return jitted

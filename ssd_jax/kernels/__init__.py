@@ -13,11 +13,11 @@ import contextvars
 import jax
 import jax.numpy as jnp
 
-from ssd_jax.kernels.reference import dense_attention, merge_attention
+from ssd_jax.kernels.reference import dense_attention, extend_attention, merge_attention
 from ssd_jax.kernels import reference
 
-__all__ = ["paged_attention", "dense_attention", "merge_attention", "write_kv",
-           "resolve_impl", "on_mesh"]
+__all__ = ["paged_attention", "dense_attention", "extend_attention", "merge_attention",
+           "write_kv", "resolve_impl", "on_mesh"]
 
 # The mesh the model is being traced for. Models know nothing of meshes; the runner that
 # places a model declares it here, and kernels that must shard_map over heads read it.

@@ -84,3 +84,41 @@ def merge_attention(out_a, lse_a, out_b, lse_b):
   out = (out_a.astype(jnp.float32) * (wa / denom)[..., None]
          + out_b.astype(jnp.float32) * (wb / denom)[..., None])
   return out.astype(out_a.dtype)
+
+
+def extend_attention(out, lse, q, scratch_kv, kv_len, *, scale):
+  """Attention over other keys (out, lse, e.g. the paged context) extended by each query's
+  own small private KV: equal to merge_attention(out, lse, *dense_attention(...)).
+
+  Args:
+    out: [B, M, Hq, D], lse: float32 [B, M, Hq], attention of q over the other keys
+      (lse = NEG_INF where it saw nothing).
+    q: [B, M, Hq, D], one query per branch.
+    scratch_kv: [B, M, S, 2, Hkv, D], the branch's own K (index 0) and V (index 1).
+    kv_len: how many of the S slots are valid (traced or static, >= 1).
+
+  Returns out [B, M, Hq, D] in out.dtype.
+
+  Written as products and reductions rather than einsums: S and D are tiny (S <= K slots,
+  one query per branch), so the dots would be separate small GEMM launches, while as
+  elementwise work plus reductions XLA fuses the scores, the softmax and the merge with
+  the paged result into a few kernels (this runs once per layer and tree step).
+  """
+  b, m_, hq, d = q.shape
+  s_len, hkv = scratch_kv.shape[2], scratch_kv.shape[4]
+  group = hq // hkv
+  f32 = jnp.float32
+  qg = q.reshape(b, m_, 1, hkv, group, d).astype(f32)
+  k = scratch_kv[:, :, :, 0, :, None, :].astype(f32)          # [B, M, S, Hkv, 1, D]
+  v = scratch_kv[:, :, :, 1, :, None, :].astype(f32)
+  s = jnp.sum(qg * k, axis=-1) * scale                        # [B, M, S, Hkv, G]
+  visible = (jnp.arange(s_len) < kv_len)[None, None, :, None, None]
+  s = jnp.where(visible, s, NEG_INF)
+  lse_o = lse.reshape(b, m_, hkv, group).astype(f32)
+  mx = jnp.maximum(jnp.max(s, axis=2), lse_o)                 # [B, M, Hkv, G]
+  p = jnp.where(visible, jnp.exp(s - mx[:, :, None]), 0.0)
+  w = jnp.exp(lse_o - mx)  # the other keys' share (0 where they saw nothing)
+  denom = jnp.maximum(w + jnp.sum(p, axis=2), 1e-30)
+  acc = (w[..., None] * out.reshape(b, m_, hkv, group, d).astype(f32)
+         + jnp.sum(p[..., None] * v, axis=2))
+  return (acc / denom[..., None]).reshape(b, m_, hq, d).astype(out.dtype)

@@ -8,6 +8,9 @@ One forward call handles every kind of step: prefill chunks, single-token decode
 verification, and SSD tree decode (M branch queries that also attend to their own scratch
 KV). The caller describes the step with `AttentionInputs`; the model writes the new tokens'
 K/V into the pages given by `slot_mapping` and attends to what `kv_limit` allows.
+
+The K/V projections and the gate/up projections are stored stacked (`FUSED_PARAMS`): one
+GEMM each per layer; checkpoints keep HuggingFace's separate tensors.
 """
 
 from __future__ import annotations
@@ -16,6 +19,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from flax import nnx
 
 from ssd_jax.config import ModelConfig
@@ -58,13 +62,13 @@ class KVCache:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class TreeScratch:
-  """Private KV of tree branches: per layer [B, M, S, num_kv_heads, head_dim].
+  """Private KV of tree branches: per layer [B, M, S, 2, num_kv_heads, head_dim], K and V
+  stacked on axis 3 so that one in-place update per layer writes both.
 
   At tree step `step` each branch writes its token's K/V to slot `step` and attends to
   slots [0, step] on top of the paged context; nothing is written to the pages.
   """
-  k: list
-  v: list
+  kv: list
   step: jax.Array
 
 
@@ -76,10 +80,61 @@ def init_kv_cache(cfg: ModelConfig, num_pages: int, page_size: int, dtype) -> KV
 
 def init_tree_scratch(cfg: ModelConfig, batch: int, branches: int, steps: int,
                       dtype) -> TreeScratch:
-  shape = (batch, branches, steps, cfg.num_kv_heads, cfg.head_dim)
-  return TreeScratch(k=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
-                     v=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
+  shape = (batch, branches, steps, 2, cfg.num_kv_heads, cfg.head_dim)
+  return TreeScratch(kv=[jnp.zeros(shape, dtype) for _ in range(cfg.num_layers)],
                      step=jnp.zeros((), jnp.int32))
+
+
+# Parameters that hold several HuggingFace tensors stacked along one axis, so that one
+# GEMM computes what HF does with two (at batch 1 a decode step is a chain of small
+# kernels, and every kernel launch costs a few microseconds): name -> (the names of the
+# stacked tensors, in stacking order, and the stacking axis of our array). The stacking
+# axis carries the logical name "stack", which is never sharded, so tensor parallelism
+# still splits the heads / the MLP hidden dimension exactly as for separate tensors.
+# Checkpoints keep HF's separate tensors: the loaders and writers split and stack here.
+FUSED_PARAMS: dict[str, tuple[tuple[str, ...], int]] = {
+    "kv_proj": (("k_proj", "v_proj"), 1),             # [embed, 2, kv_heads, head_dim]
+    "kv_bias": (("k_bias", "v_bias"), 0),             # [2, kv_heads, head_dim]
+    "gate_up_proj": (("gate_proj", "up_proj"), 1),    # [embed, 2, mlp]
+}
+
+
+def unfuse_flat(flat: dict) -> dict:
+  """{dotted name: array} with each fused parameter split into its HF-named parts
+  ('layers.0.self_attn.kv_proj' -> '...k_proj' and '...v_proj'); other names unchanged."""
+  out = {}
+  for name, value in flat.items():
+    prefix, _, leaf = name.rpartition(".")
+    if leaf not in FUSED_PARAMS:
+      out[name] = value
+      continue
+    parts, axis = FUSED_PARAMS[leaf]
+    for j, part in enumerate(parts):
+      out[f"{prefix}.{part}" if prefix else part] = np.take(np.asarray(value), j, axis=axis)
+  return out
+
+
+def fuse_flat(flat: dict) -> dict:
+  """The inverse of `unfuse_flat`: stacks HF-named parts into the model's fused names.
+  Raises KeyError when only some parts of a fused parameter are present."""
+  part_of = {part: (fused, j) for fused, (parts, _) in FUSED_PARAMS.items()
+             for j, part in enumerate(parts)}
+  out, groups = {}, {}
+  for name, value in flat.items():
+    prefix, _, leaf = name.rpartition(".")
+    if leaf not in part_of:
+      out[name] = value
+      continue
+    fused, j = part_of[leaf]
+    groups.setdefault((prefix, fused), {})[j] = value
+  for (prefix, fused), got in groups.items():
+    parts, axis = FUSED_PARAMS[fused]
+    name = f"{prefix}.{fused}" if prefix else fused
+    if len(got) != len(parts):
+      missing = [p for j, p in enumerate(parts) if j not in got]
+      raise KeyError(f"{name}: parts {missing} missing")
+    out[name] = np.stack([np.asarray(got[j]) for j in range(len(parts))], axis=axis)
+  return out
 
 
 def _param(rngs, shape, axes, dtype, scale=0.02):
@@ -98,17 +153,29 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-  def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, attention_impl: str):
+  def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, attention_impl: str,
+               fused: bool = True):
     e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     self.q_proj = _param(rngs, (e, h, d), ("embed", "heads", "head_dim"), dtype)
-    self.k_proj = _param(rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), dtype)
-    self.v_proj = _param(rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), dtype)
+    # K and V stacked: one GEMM for both (see FUSED_PARAMS). Q stays separate: it has
+    # more heads than K/V (GQA), and a stack over heads would mix them under TP.
+    if fused:
+      self.kv_proj = _param(rngs, (e, 2, kv, d), ("embed", "stack", "kv_heads", "head_dim"),
+                            dtype)
+    else:
+      self.k_proj = _param(rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), dtype)
+      self.v_proj = _param(rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), dtype)
     self.o_proj = _param(rngs, (h, d, e), ("heads", "head_dim", "embed"), dtype)
     if cfg.attention_bias:
       self.q_bias = nnx.Param(jnp.zeros((h, d), dtype), axes=("heads", "head_dim"))
-      self.k_bias = nnx.Param(jnp.zeros((kv, d), dtype), axes=("kv_heads", "head_dim"))
-      self.v_bias = nnx.Param(jnp.zeros((kv, d), dtype), axes=("kv_heads", "head_dim"))
+      if fused:
+        self.kv_bias = nnx.Param(jnp.zeros((2, kv, d), dtype),
+                                 axes=("stack", "kv_heads", "head_dim"))
+      else:
+        self.k_bias = nnx.Param(jnp.zeros((kv, d), dtype), axes=("kv_heads", "head_dim"))
+        self.v_bias = nnx.Param(jnp.zeros((kv, d), dtype), axes=("kv_heads", "head_dim"))
       self.o_bias = nnx.Param(jnp.zeros((e,), dtype), axes=("embed",))
+    self.fused = fused
     if cfg.qk_norm:
       self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, axes=("head_dim",))
       self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, axes=("head_dim",))
@@ -119,10 +186,18 @@ class Attention(nnx.Module):
                scratch_kv=None, scratch_step=None):
     cfg = self.cfg
     q = jnp.einsum("bse,ehd->bshd", x, self.q_proj[...])
-    k = jnp.einsum("bse,ehd->bshd", x, self.k_proj[...])
-    v = jnp.einsum("bse,ehd->bshd", x, self.v_proj[...])
     if cfg.attention_bias:
-      q, k, v = q + self.q_bias[...], k + self.k_bias[...], v + self.v_bias[...]
+      q = q + self.q_bias[...]
+    if self.fused:
+      kv = jnp.einsum("bse,ethd->bsthd", x, self.kv_proj[...])
+      if cfg.attention_bias:
+        kv = kv + self.kv_bias[...]
+      k, v = kv[:, :, 0], kv[:, :, 1]
+    else:
+      k = jnp.einsum("bse,ehd->bshd", x, self.k_proj[...])
+      v = jnp.einsum("bse,ehd->bshd", x, self.v_proj[...])
+      if cfg.attention_bias:
+        k, v = k + self.k_bias[...], v + self.v_bias[...]
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     # Computed at trace time from the config (a constant in the compiled program).
@@ -135,14 +210,11 @@ class Attention(nnx.Module):
     out, lse = kernels.paged_attention(q, k_pages, v_pages, attn.page_table, attn.kv_limit,
                                        scale=scale, impl=self.attention_impl)
     if scratch_kv is not None:
-      sk, sv = scratch_kv
-      sk = jax.lax.dynamic_update_slice_in_dim(sk, k[:, :, None].astype(sk.dtype),
-                                               scratch_step, axis=2)
-      sv = jax.lax.dynamic_update_slice_in_dim(sv, v[:, :, None].astype(sv.dtype),
-                                               scratch_step, axis=2)
-      out2, lse2 = kernels.dense_attention(q, sk, sv, scratch_step + 1, scale=scale)
-      out = kernels.merge_attention(out, lse, out2, lse2)
-      scratch_kv = (sk, sv)
+      # One in-place write of this step's K and V (stacked) into the branch scratch, then
+      # the paged result extended by the scratch slots [0, step] in one fused pass.
+      new = jnp.stack([k, v], axis=2)[:, :, None].astype(scratch_kv.dtype)
+      scratch_kv = jax.lax.dynamic_update_slice_in_dim(scratch_kv, new, scratch_step, axis=2)
+      out = kernels.extend_attention(out, lse, q, scratch_kv, scratch_step + 1, scale=scale)
     y = jnp.einsum("bshd,hde->bse", out, self.o_proj[...])
     if cfg.attention_bias:
       y = y + self.o_bias[...]
@@ -150,24 +222,35 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-  def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
+  def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, fused: bool = True):
     e, m = cfg.hidden_size, cfg.intermediate_size
-    self.gate_proj = _param(rngs, (e, m), ("embed", "mlp"), dtype)
-    self.up_proj = _param(rngs, (e, m), ("embed", "mlp"), dtype)
+    # Gate and up stacked: one GEMM for both; under TP each shard holds the gate and up
+    # columns of its own slice of `mlp`, so silu(gate) * up needs no communication.
+    if fused:
+      self.gate_up_proj = _param(rngs, (e, 2, m), ("embed", "stack", "mlp"), dtype)
+    else:
+      self.gate_proj = _param(rngs, (e, m), ("embed", "mlp"), dtype)
+      self.up_proj = _param(rngs, (e, m), ("embed", "mlp"), dtype)
     self.down_proj = _param(rngs, (m, e), ("mlp", "embed"), dtype)
+    self.fused = fused
 
   def __call__(self, x):
-    gate = jnp.einsum("bse,em->bsm", x, self.gate_proj[...])
-    up = jnp.einsum("bse,em->bsm", x, self.up_proj[...])
+    if self.fused:
+      gate_up = jnp.einsum("bse,etm->bstm", x, self.gate_up_proj[...])
+      gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
+    else:
+      gate = jnp.einsum("bse,em->bsm", x, self.gate_proj[...])
+      up = jnp.einsum("bse,em->bsm", x, self.up_proj[...])
     return jnp.einsum("bsm,me->bse", jax.nn.silu(gate) * up, self.down_proj[...])
 
 
 class DecoderLayer(nnx.Module):
-  def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, attention_impl: str):
+  def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, attention_impl: str,
+               fused: bool = True):
     self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-    self.self_attn = Attention(cfg, dtype, rngs, attention_impl)
+    self.self_attn = Attention(cfg, dtype, rngs, attention_impl, fused)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-    self.mlp = MLP(cfg, dtype, rngs)
+    self.mlp = MLP(cfg, dtype, rngs, fused)
 
   def __call__(self, x, positions, k_pages, v_pages, attn, scratch_kv=None,
                scratch_step=None):
@@ -182,11 +265,15 @@ class Transformer(nnx.Module):
   """Llama-3 / Qwen3 causal LM over a paged KV cache.
 
   Parameter names follow HuggingFace's (`layers[i].self_attn.q_proj`, ...) so that a
-  checkpoint maps onto the model by name; shapes are split per head for sharding.
+  checkpoint maps onto the model by name, except the stacked pairs of `FUSED_PARAMS`;
+  shapes are split per head for sharding.
   """
 
   def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None,
-               attention_impl: str = "xla"):
+               attention_impl: str = "xla", fused_projections: bool = True):
+    """fused_projections=False keeps HF's separate k/v and gate/up tensors (two GEMMs
+    each): the layout before FUSED_PARAMS, kept to measure what the fusion saves
+    (launch/step_programs.py) and as an oracle in tests; the engine uses the default."""
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     self.cfg = cfg
     self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
@@ -194,7 +281,8 @@ class Transformer(nnx.Module):
     # Layers are unrolled at trace time (a Python loop inside jit): each layer's weights
     # and KV pool stay separate buffers, so XLA reads them in place and updates the cache
     # in place; nothing loops over layers at run time.
-    self.layers = nnx.List([DecoderLayer(cfg, dtype, rngs, attention_impl)
+    self.layers = nnx.List([DecoderLayer(cfg, dtype, rngs, attention_impl,
+                                         fused_projections)
                             for _ in range(cfg.num_layers)])
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
     if not cfg.tie_word_embeddings:
@@ -221,21 +309,18 @@ class Transformer(nnx.Module):
     Returns (float32 logits [B, Q, V] or [B, V], kv, scratch).
     """
     x = self.embed_tokens[...][tokens]
-    new_k, new_v = [], []
-    new_sk, new_sv = [], []
+    new_k, new_v, new_skv = [], [], []
     for i, layer in enumerate(self.layers):
-      scratch_kv = (scratch.k[i], scratch.v[i]) if scratch is not None else None
+      scratch_kv = scratch.kv[i] if scratch is not None else None
       x, kp, vp, scratch_kv = layer(x, positions, kv.k[i], kv.v[i], attn, scratch_kv,
                                     scratch.step if scratch is not None else None)
       new_k.append(kp)
       new_v.append(vp)
-      if scratch is not None:
-        new_sk.append(scratch_kv[0])
-        new_sv.append(scratch_kv[1])
+      new_skv.append(scratch_kv)
     if logits_at is not None:
       x = jnp.take_along_axis(x, logits_at[:, None, None], axis=1)[:, 0]
     logits = self.logits(self.norm(x))
     new_scratch = None
     if scratch is not None:
-      new_scratch = TreeScratch(k=new_sk, v=new_sv, step=scratch.step + 1)
+      new_scratch = TreeScratch(kv=new_skv, step=scratch.step + 1)
     return logits, KVCache(k=new_k, v=new_v), new_scratch

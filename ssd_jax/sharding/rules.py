@@ -21,6 +21,10 @@ LOGICAL_RULES: dict[str, str | None] = {
     "kv_heads": TP,
     "head_dim": None,
     "mlp": TP,
+    # The axis that stacks fused parameters (k/v, gate/up; models/transformer.py
+    # FUSED_PARAMS). Never sharded: each shard must hold every stacked part of its own
+    # heads / MLP columns.
+    "stack": None,
     "pages": None,
     "page_slot": None,
 }
@@ -46,5 +50,5 @@ def param_shardings(mesh, abstract_state):
 
 # KV pools [num_pages, page_size, kv_heads, head_dim]: each TP shard holds its heads.
 KV_PAGES_AXES = ("pages", "page_slot", "kv_heads", "head_dim")
-# Tree scratch [batch, branches, steps, kv_heads, head_dim].
-TREE_SCRATCH_AXES = (None, None, None, "kv_heads", "head_dim")
+# Tree scratch [batch, branches, steps, 2 (K, V), kv_heads, head_dim].
+TREE_SCRATCH_AXES = (None, None, None, "stack", "kv_heads", "head_dim")

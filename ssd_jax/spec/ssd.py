@@ -13,6 +13,29 @@ hit, or by the fallback on a miss: `jit` drafts K tokens now, `fast` answers at 
 the top branch of the same a (free, usually rejected). The answer moves back to the
 target's mesh device to device. The host dispatches both sides asynchronously and only
 reads finished tokens with a lag, so nothing on the critical path waits on it.
+
+Host order of one round (`round`), and why:
+
+  1. lookup of the previous round's outcome (its cache and outcome were dispatched then),
+     and the answer's copy to the target's mesh;
+  2. verify of that answer on the target's mesh;
+  3. cache build for that same speculation on the draft's mesh;
+  4. the copy of the verification outcome to the draft's mesh (lookup of the next round).
+
+The lookup opens the round rather than closing the previous one because with the `jit`
+fallback it contains a `lax.cond` (draft now, only if some sequence missed), and on GPU
+XLA evaluates a conditional by copying its predicate to the host: the host thread waits
+there until the draft has finished building the cache and the outcome has arrived. Placed
+first, that wait comes after the host has done everything else it has to (the lagged read
+of earlier tokens, the bookkeeping between rounds), so when the wait ends the only host
+work before the next verification starts is the answer's copy and its dispatch. Closing
+the round, the same wait put the lagged read and the loop's bookkeeping between the
+answer and its verification. (XLA can evaluate conditionals on the device when they are
+captured in a CUDA graph: LLM(command_buffers="max"), runner.COMMAND_BUFFER_MODES; then
+nothing waits at all.) The
+verification is dispatched before the cache build: the target's verification is the
+critical path SSD is built around, and the build, a loop of K draft steps, takes the
+host longer to dispatch. The last outcome of a wave is never looked up: no round follows.
 """
 
 from __future__ import annotations
@@ -104,25 +127,46 @@ class SSDDecoder(SpeculativeDecoder):
         self.draft.params, self.draft.kv, token, pos, ~done, self.draft_page_table,
         self.draft_temp, self.draft_key, want_q=self.want_q)
     self.spec_t = self.target.put((self.dstate.spec, q))
+    self._pending = None  # (cache, outcome on the draft's mesh, live) awaiting a lookup
     return state, first, count
 
+  def in_flight(self):
+    return self._pending or ()
+
   def round(self, state: DecodeState):
-    # Target: verify the current speculation (critical path) ...
+    # The order of the dispatches is explained in the module docstring.
+    info = {}
+    if self._pending is not None:
+      # 1. The draft answers the outcome of the previous verification (from the cache, or
+      # the fallback); may wait on the host for that outcome (jit fallback on GPU).
+      cache, outcome, looked_up = self._pending
+      with self.host("lookup"):
+        self.draft.kv, self.dstate, spec_q, hit = self._lookup(
+            self.draft.params, self.draft.kv, self.dstate, cache, outcome,
+            self.draft_page_table, self.draft_temp, want_q=self.want_q)
+      with self.host("put_spec"):
+        self.spec_t = self.target.put(spec_q)
+      info.update(hit=hit, looked_up=looked_up)
+    self._pending = None
+    # 2. Target: verify the speculation (the critical path) ...
     spec, q = self.spec_t
-    self.target.kv, state, emitted, count, accepted, outcome = self._verify(
-        self.target.params, self.target.kv, state, spec, q, self.consts,
-        greedy=not self.want_q)
-    # ... while the draft, on its own devices, prepares for every likely outcome.
-    self.draft.kv, cache = self._build(self.draft.params, self.draft.kv, self.dstate,
-                                       self.draft_page_table, self.draft_temp, self.branch_a,
-                                       self.branch_rank, want_q=self.want_q)
-    outcome = self.draft.put(outcome)  # one small device-to-device copy
-    looked_up = self.dstate.live
-    self.draft.kv, self.dstate, spec_q, hit = self._lookup(
-        self.draft.params, self.draft.kv, self.dstate, cache, outcome, self.draft_page_table,
-        self.draft_temp, want_q=self.want_q)
-    self.spec_t = self.target.put(spec_q)
-    return state, emitted, count, {"accepted": accepted, "hit": hit, "looked_up": looked_up}
+    with self.host("verify"):
+      self.target.kv, state, emitted, count, accepted, outcome = self._verify(
+          self.target.params, self.target.kv, state, spec, q, self.consts,
+          greedy=not self.want_q)
+    # 3. ... while the draft, on its own devices, prepares for every likely outcome.
+    with self.host("build"):
+      self.draft.kv, cache = self._build(self.draft.params, self.draft.kv, self.dstate,
+                                         self.draft_page_table, self.draft_temp,
+                                         self.branch_a, self.branch_rank,
+                                         want_q=self.want_q)
+    # 4. The outcome goes to the draft's mesh now (one small device-to-device copy that
+    # waits on the device for the verification); the next round looks it up.
+    with self.host("put_outcome"):
+      outcome = self.draft.put(outcome)
+    self._pending = (cache, outcome, self.dstate.live)
+    info["accepted"] = accepted
+    return state, emitted, count, info
 
   # -- device programs --------------------------------------------------------------------
   def _verify_fn(self, params, kv, state, spec, q, consts, greedy):
@@ -174,8 +218,7 @@ class SSDDecoder(SpeculativeDecoder):
                                 kv_limit=jnp.where(live[:, None], base, 0))
     scratch = init_tree_scratch(self.draft.cfg, b, m, k, self.draft.kv_dtype)
     scratch_sharding = sharding_for(self.draft.mesh, TREE_SCRATCH_AXES)
-    scratch.k = [jax.lax.with_sharding_constraint(x, scratch_sharding) for x in scratch.k]
-    scratch.v = [jax.lax.with_sharding_constraint(x, scratch_sharding) for x in scratch.v]
+    scratch.kv = [jax.lax.with_sharding_constraint(x, scratch_sharding) for x in scratch.kv]
     top_fs = jnp.asarray(self.opts.plan.after_hit[:k], jnp.int32)
     max_f = self.opts.plan.max_f if self.opts.sampler_x is not None else 0
     temp_b = jnp.broadcast_to(temp[:, None], (b, m))
