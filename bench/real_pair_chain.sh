@@ -9,7 +9,7 @@
 #   bash bench/real_pair_chain.sh 2 DIR  # DIR: GGUF part 2, the draft's layer files
 #                                        # (DIR/layers), HumanEval.jsonl.gz. Joins and
 #                                        # converts the GGUF, builds the draft, runs:
-#                                        # bf16 timing over every prompt set, then a float32
+#                                        # bf16 timing over every prompt set (SETS), then a float32
 #                                        # exactness pass (SD/SSD == AR token for token).
 #
 # SSD puts the draft on its own GPU (--draft_devices 1); AR and SD use GPU 0 only. On a
@@ -45,13 +45,13 @@ case $step in
   export SSD_JAX_HUMANEVAL=$C/HumanEval.jsonl.gz
   PAIR=(--model="$S/target" --draft="$S/draft" --draft_devices=1 --k=7 --f=3 --batch_size=1)
   say "bf16 timing, every prompt set"
-  timeout "${TIMING_S:-330}" python3 launch/bench.py "${PAIR[@]}" --methods=ar,sd,ssd --all \
+  timeout "${TIMING_S:-330}" python3 launch/bench.py "${PAIR[@]}" --methods=ar,sd,ssd ${SETS:---all} \
     --numseqs="${NUMSEQS:-8}" --output_len=128 --dtype=bfloat16 \
     --output_json="$OUT/real_pair_bf16.json" --plot="$OUT/real_pair_bf16.png" \
     2>&1 | grep -v "^[IW][0-9]\|clean_up_tokenization" | tee "$OUT/real_pair_bf16.log"
   say "float32 exactness"
   timeout "${EXACT_S:-170}" python3 launch/bench.py "${PAIR[@]}" --methods=ar,sd,ssd \
-    --dataset=humaneval --numseqs=8 --output_len=64 --dtype=float32 --nosplit_pass \
+    --dataset=humaneval --numseqs="${EXACT_NUMSEQS:-8}" --output_len=64 --dtype=float32 --nosplit_pass \
     --nomeasure_bandwidth --output_json="$OUT/real_pair_f32.json" \
     2>&1 | grep -v "^[IW][0-9]\|clean_up_tokenization" | tee "$OUT/real_pair_f32.log"
   ;;
