@@ -90,8 +90,7 @@ def default_config(*, rows: int, page_size: int, head_dim: int, dtype) -> dict:
 
   Measured on an H100 (bench/KERNELS.md): 64-token steps beat 128 and 256 for decode, and
   tiles of up to 64 rows run best with 4 warps and 3 stages (run 3: 70b verify B=8 ctx 4k
-  0.083-0.096 ms with 4 warps vs 0.119 with 8; 70b tree 0.14 ms in 64-row tiles with 4
-  warps vs 0.20 in 128-row tiles with 8). Bigger tiles only come from explicit block_rows.
+  0.083-0.096 ms with 4 warps vs 0.119 with 8). 128-row tiles keep 8 warps.
   """
   itemsize = jnp.dtype(dtype).itemsize
   block_k = 64 if itemsize <= 2 or head_dim <= 64 else 32
@@ -101,10 +100,11 @@ def default_config(*, rows: int, page_size: int, head_dim: int, dtype) -> dict:
   return dict(block_k=block_k, num_warps=num_warps, num_stages=num_stages)
 
 
-# Most rows (query heads of a KV group x queries) per tile by default: wider groups (70b
-# tree: 8 x 24 = 192 rows) are cut into 64-row tiles, which run faster with 4 warps than
-# 128-row tiles do with 8 even though each tile reads the KV again (run 3).
-DEFAULT_BLOCK_ROWS = 64
+# Most rows (query heads of a KV group x queries) per tile by default. 64-row tiles made
+# 70b tree at batch 8 faster (0.200 -> 0.16 ms) but the 8b tree at batch 1, the shape of
+# a draft's SSD tree step, slower (0.036 -> 0.054 ms: each tile reads the KV again) and
+# 70b tree at batch 32 too (0.60 -> 0.64 ms), H100 runs 3 and 4; 128 is kept.
+DEFAULT_BLOCK_ROWS = 128
 # Cap on the KV splits of one program: the merge reads every split's partial result, and
 # the split count is fixed at trace time from the page table's width, which can be far
 # larger than the lengths actually present.
