@@ -96,6 +96,20 @@ def test_sd_tensor_parallel_with_separate_draft_device(ar_tokens):
   _check(llm, ar_tokens)
 
 
+def test_warmup_covers_prefill_after_a_cached_prefix():
+  """How much a prompt prefills depends on the prefix cache: only the suffix after its
+  cached pages, or all of it. A warm-up that itself hit the cache prefilled a suffix only;
+  warmup() compiles every token bucket up to the whole prompt's, so nothing compiles later."""
+  llm = LLM(TARGET, DRAFTS["noisy"], method="sd", k=3, **COMMON)
+  llm.warmup(1, 40, max_new_tokens=16)
+  llm.warmup(1, 60, max_new_tokens=16)  # its first 32 tokens are the first warm-up's: cached
+  base = [(i * 5 + 3) % 90 + 1 for i in range(60)]
+  # nothing cached; 2 pages cached (32-token suffix); 3 pages cached (2-token suffix)
+  for prompt in (base, base[:40] + [7] * 20, base[:50]):
+    llm.generate([prompt], SamplingParams(max_new_tokens=16, ignore_eos=True))
+    assert llm.last_metrics["compilations"] == 0, len(prompt)
+
+
 def test_no_recompilation_after_warmup():
   """Once a shape bucket (batch, prompt length, pages) is compiled, new requests in the
   same buckets compile nothing, whatever their tokens, lengths or acceptance pattern."""

@@ -281,11 +281,16 @@ class LLM:
     self.blocks.drop_cached()
 
   def warmup(self, batch_size: int = 1, prompt_len: int = 16, max_new_tokens: int = 8) -> float:
-    """Compile the programs for these shapes (a throwaway generate); returns seconds."""
+    """Compile the programs for these shapes (a throwaway generate, then the prefills of
+    shorter suffixes after a cached prefix); returns seconds."""
     t0 = time.perf_counter()
     ids = [[1 + (i % max(self.cfg.vocab_size - 1, 1)) for i in range(prompt_len)]
            for _ in range(batch_size)]
     self.generate(ids, SamplingParams(max_new_tokens=max_new_tokens, ignore_eos=True))
+    # Later prompts that share cached prefix pages prefill shorter suffixes: compile those.
+    for runner in (self.target, getattr(self, "draft", None)):
+      if runner is not None:
+        runner.warm_prefill_buckets()
     return time.perf_counter() - t0
 
 

@@ -92,6 +92,8 @@ class ModelRunner:
     self.kv_shardings = KVCache(k=[kv_sharding] * self.cfg.num_layers,
                                 v=[kv_sharding] * self.cfg.num_layers)
     self._jitted: list = []
+    self._prefill_shapes: set[tuple[int, int, int]] = set()  # (batch, tokens, table width)
+    self._prefill_widths: dict[tuple[int, int], int] = {}  # (batch, width) -> whole-prompt bucket
     # Created by a program like every later KV, so its sharding reads the same to jit.
     self.kv: KVCache = self.jit(functools.partial(init_kv_cache, self.cfg, num_pages,
                                                   page_size, kv_dtype))()
@@ -162,4 +164,32 @@ class ModelRunner:
       start[i] = s
     logits, self.kv = self.prefill_fn(self.params, self.kv, *self.put(
         (tokens, start, length, page_table)))
+    width = page_table.shape[1]
+    self._prefill_shapes.add((batch, t, width))
+    # The bucket this wave's prompts would need with nothing cached: warmed later too.
+    full = bucket(max(s + len(r) for r, s in zip(token_rows, starts)), 16)
+    self._prefill_widths[(batch, width)] = max(self._prefill_widths.get((batch, width), 0),
+                                               full)
     return logits
+
+  def warm_prefill_buckets(self) -> int:
+    """Compiles the prefill for every token bucket up to the whole prompt's, for each
+    (batch, page-table width) prefilled so far; returns how many it ran.
+
+    How many tokens a prompt prefills depends on the prefix cache: only the suffix after
+    its cached pages (a smaller bucket under the same page-table width), or all of it
+    when nothing is cached, which a warm-up that itself hit the cache did not compile.
+    The calls have length 0 (every slot -1), so they write nothing."""
+    ran = 0
+    for (batch, width), t_max in sorted(self._prefill_widths.items()):
+      t = 16
+      while t <= t_max:
+        if (batch, t, width) not in self._prefill_shapes:
+          zeros = np.zeros((batch,), np.int32)
+          _, self.kv = self.prefill_fn(self.params, self.kv, *self.put(
+              (np.zeros((batch, t), np.int32), zeros, zeros,
+               np.zeros((batch, width), np.int32))))
+          self._prefill_shapes.add((batch, t, width))
+          ran += 1
+        t *= 2
+    return ran
