@@ -30,10 +30,12 @@ first, that wait comes after the host has done everything else it has to (the la
 of earlier tokens, the bookkeeping between rounds), so when the wait ends the only host
 work before the next verification starts is the answer's copy and its dispatch. Closing
 the round, the same wait put the lagged read and the loop's bookkeeping between the
-answer and its verification. (XLA can evaluate conditionals on the device when they are
-captured in a CUDA graph: LLM(command_buffers="max"), runner.COMMAND_BUFFER_MODES; then
-nothing waits at all.) The
-verification is dispatched before the cache build: the target's verification is the
+answer and its verification. XLA can evaluate conditionals on the device when they are
+captured in a CUDA graph (LLM(command_buffers="max"), runner.COMMAND_BUFFER_MODES), but on
+jax 0.11.2 the lookup's conditional was not captured even so (bench/RESULTS.md, fourth
+two-GPU call: the host still waits ~7 ms per hit round).
+
+The verification is dispatched before the cache build: the target's verification is the
 critical path SSD is built around, and the build, a loop of K draft steps, takes the
 host longer to dispatch. The last outcome of a wave is never looked up: no round follows.
 """
