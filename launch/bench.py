@@ -798,8 +798,8 @@ class Runner:
     the batch size (and the last, partial batch), and one prompt length per combination
     of (power-of-two prompt bucket, power-of-two KV-page counts for prompt + max_new_tokens
     with and without speculation slack) -- the longest prompt of each -- with the timed
-    runs' max_new_tokens. The first shape is warmed twice: a program's second call can still
-    add a cache entry (inputs that came out of the first call)."""
+    runs' max_new_tokens. (Prefills of suffixes after cached prefix pages are warmed by
+    llm.warmup() itself.)"""
     cfg = self.cfg
     page = self._page_size(llm)
     slack = 2 * (cfg.k + 1)
@@ -816,14 +816,9 @@ class Runner:
       if len(w.prompts) % bs:
         sizes.add(len(w.prompts) % bs)
     plan = [(size, length) for size in sorted(sizes) for length in sorted(set(reps.values()))]
-    plan.append(plan[0])
     total = 0.0
     for size, length in plan:
-      try:
-        r = llm.warmup(size, length, max_new_tokens=cfg.output_len)
-      except TypeError:
-        r = llm.warmup(size, length)
-      total += _num(r) or 0.0
+      total += _num(llm.warmup(size, length, max_new_tokens=cfg.output_len)) or 0.0
     self.report.setdefault("warmup_shapes", {})[str(bs)] = {
         "batch_sizes": sorted(sizes), "prompt_lens": sorted(set(reps.values())),
         "calls": len(plan)}
