@@ -76,10 +76,10 @@ flags.DEFINE_integer("ckpt_every", 200, "Checkpoint every N steps.")
 flags.DEFINE_bool("resume", False, "Continue from the latest checkpoint in --ckpt_dir.")
 flags.DEFINE_float("time_budget_s", 0, "Training ends by this many seconds after start-up "
                    "(loading and self-generation included; evaluation not); 0 = off.")
-# outputs
 flags.DEFINE_float("stop_after_s", 0, "End this process's training (with a checkpoint) at the "
                    "first progress line past this many seconds; the run length is unchanged "
                    "and --resume goes on (for machines whose calls are time-capped).")
+# outputs
 flags.DEFINE_enum("layers_dtype", "bfloat16", ["bfloat16", "int8"], "Storage of --layers_out: "
                   "bf16, or int8 in blocks of 32 with a scale each (half the size; the "
                   "evaluation then measures the int8 round-tripped draft, i.e. what ships).")
