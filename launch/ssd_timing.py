@@ -11,7 +11,7 @@ runs use two controlled regimes, stated in the output:
   * unpredictable: only the target's norm is zeroed; the random draft then misses.
 
 It also reports, per run, the kernels of every program the decoder runs (counted in the
-optimized HLO, ssd_jax/engine/hlo_stats.py), the host time of each dispatch of a round
+optimized HLO, launch/hlo_stats.py), the host time of each dispatch of a round
 (`host_*_ms`: the host is blocked or busy there; no synchronisation is added to measure
 it), and with `--runs ...,steps` the single-step programs alone (launch/step_programs.py:
 draft step at batch 1 and at tree width (K+1)*F, glue, 8B verify, AR step) under each XLA
@@ -110,7 +110,7 @@ class _Recorder:
     return self.fn(*args, **kwargs)
 
   def stats(self) -> dict:
-    from ssd_jax.engine.hlo_stats import kernel_counts
+    from hlo_stats import kernel_counts  # launch/, next to this script
     if self.call is None:
       return {"error": "not called"}
     t0 = time.perf_counter()

@@ -13,7 +13,7 @@ without the rest of a round around it:
 
 For each program and each XLA command-buffer mode (runner.COMMAND_BUFFER_MODES: "default",
 "off" = every kernel launched by the host, "max" = loops/conditionals in CUDA graphs too)
-it reports the kernels of one call (ssd_jax.engine.hlo_stats, from the optimized HLO) and
+it reports the kernels of one call (launch/hlo_stats.py, from the optimized HLO) and
 three times, all host-measured:
 
   ms            per call, `iters` calls queued back to back, then one wait (throughput);
@@ -38,7 +38,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ssd_jax.engine.hlo_stats import kernel_counts
+from hlo_stats import kernel_counts  # launch/, next to this script
 from ssd_jax.engine.runner import COMMAND_BUFFER_MODES, ModelRunner, slot_mapping
 from ssd_jax.models.transformer import AttentionInputs, TreeScratch, init_tree_scratch
 from ssd_jax.sharding.rules import TREE_SCRATCH_AXES, sharding_for

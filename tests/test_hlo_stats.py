@@ -1,9 +1,16 @@
 """Kernel counting from optimized HLO text (launch/ssd_timing.py's per-program report)."""
 
+import os
+import sys
+
 import jax
 import jax.numpy as jnp
 
-from ssd_jax.engine.hlo_stats import compiled_stats, kernel_counts
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+  sys.path.insert(0, ROOT)
+
+from launch.hlo_stats import compiled_stats, kernel_counts  # noqa: E402
 
 
 def test_loops_are_expanded_and_conditionals_bounded():
