@@ -149,6 +149,43 @@ def test_command_buffer_modes_are_compile_options():
     LLM(TARGET, method="ar", command_buffers="all", **COMMON)
 
 
+def test_ssd_lookup_fallback_is_a_device_side_loop():
+  """XLA:GPU waits on the host for a conditional's predicate unless it can put it in a CUDA
+  graph, which it never does for a conditional around a loop: the jit fallback is one
+  loop of 0 or K trips (no conditional), compiled with loops in graphs unless graphs are
+  off. The draft's side runs on its own host thread; outputs stay AR's."""
+  llm = LLM(TARGET, DRAFTS["noisy"], method="ssd", k=3, f=2, **COMMON)
+  dec = llm.decoder
+  assert dec.lookup_compiler_options["xla_gpu_enable_command_buffer"].endswith("CONDITIONAL")
+  calls = []
+  lookup = dec._lookup
+  dec._lookup = lambda *a, **kw: calls.append((a, kw)) or lookup(*a, **kw)
+  ref = _generate(LLM(TARGET, method="ar", **COMMON), PROMPTS[:1], max_new=8)
+  assert _generate(llm, PROMPTS[:1], max_new=8) == ref
+  assert dec._job is None  # finish() ran: no draft work outlives the wave
+  args, kw = calls[0]
+  # Lowered for GPU: on CPU, jax lowers its random-bits hash with a loop of its own.
+  text = lookup.trace(*args, **kw).lower(lowering_platforms=("cuda",)).as_text()
+  assert "stablehlo.while" in text
+  assert "stablehlo.case" not in text and "stablehlo.if" not in text
+  off = LLM(TARGET, DRAFTS["noisy"], method="ssd", k=3, f=2, command_buffers="off", **COMMON)
+  assert off.decoder.lookup_compiler_options == off.draft.compiler_options
+
+
+def test_ssd_draft_thread_error_reaches_the_caller():
+  """An error in the draft thread's job is raised in the caller's thread, once; the next
+  generate works."""
+  llm = LLM(TARGET, DRAFTS["noisy"], method="ssd", k=3, f=2, **COMMON)
+  dec = llm.decoder
+  build = dec._build
+  dec._build = lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("draft side broke"))
+  with pytest.raises(RuntimeError, match="draft side broke"):
+    _generate(llm, PROMPTS[:1], max_new=8)
+  dec._build = build
+  ref = _generate(LLM(TARGET, method="ar", **COMMON), PROMPTS[:1], max_new=8)
+  assert _generate(llm, PROMPTS[:1], max_new=8) == ref
+
+
 @pytest.mark.parametrize("method", ["ar", "sd", "ssd"])
 def test_eos_inside_speculation_and_max_new_tokens(method):
   """Outputs stop at EOS (kept as the last token) and never exceed max_new_tokens."""

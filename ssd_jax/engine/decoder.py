@@ -129,6 +129,10 @@ class Decoder:
   def num_compilations(self) -> int:
     raise NotImplementedError
 
+  def finish(self) -> None:
+    """Called when a wave's last round has been read: wait for host work of the decoder
+    still under way (SSD's draft thread)."""
+
   def in_flight(self):
     """Device arrays of work a round dispatched that its outputs do not cover (SSD's
     cache for the next lookup); profile mode waits for them too."""
@@ -200,6 +204,7 @@ class Decoder:
           self._drain(wave, pending.popleft(), progress)
     while pending:
       self._drain(wave, pending.popleft(), progress)
+    self.finish()
     for seq in wave.seqs:  # a sequence the device stopped without a host-side reason
       if not seq.is_finished:
         self._finish(seq, "length")

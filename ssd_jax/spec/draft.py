@@ -47,13 +47,16 @@ def draw(logits, temperature, key, want_q: bool, sampler_x=None, top_f=0, max_f:
 
 
 def draft_decode(runner, params, kv, tokens0, pos0, live, page_table, *, k: int, temperature,
-                 key, want_q: bool, sampler_x=None, top_fs=None):
+                 key, want_q: bool, sampler_x=None, top_fs=None, steps=None):
   """Draft K tokens autoregressively, writing the draft's KV.
 
   tokens0/pos0: [B, Q0] the first step's inputs (Q0 = 1 normally; SD passes the previous
   token too so that its KV is (re)written); the first draft token follows tokens0[:, -1].
   live [B]: sequences still decoding (others write nothing).
   top_fs: per-step top-F for cache-aware sampling (length k), or None.
+  steps: a traced count (0 or k) of steps to run, as one loop whose trip count only the
+  device knows (SSD's jit fallback: k after a miss, 0 after a hit); needs Q0 = 1. Steps
+  not run leave zeros.
   Returns (tokens [B, K], q [B, K, V] or None, kv).
   """
   ps = runner.page_size
@@ -70,6 +73,9 @@ def draft_decode(runner, params, kv, tokens0, pos0, live, page_table, *, k: int,
     return kv, nxt, q
 
   keys = jax.random.split(key, k)
+  if steps is not None:
+    return _draft_loop(step, kv, tokens0, pos0, keys, top_fs, steps, k, want_q,
+                       runner.cfg.vocab_size)
   kv, first, q0 = step(kv, tokens0, pos0, keys[0], top_fs[0])
   if k == 1:
     return first[:, None], (q0[:, None] if want_q else None), kv
@@ -86,3 +92,23 @@ def draft_decode(runner, params, kv, tokens0, pos0, live, page_table, *, k: int,
   tokens = jnp.concatenate([first[:, None], jnp.moveaxis(rest, 0, 1)], axis=1)
   q = jnp.concatenate([q0[:, None], jnp.moveaxis(rest_q, 0, 1)], axis=1) if want_q else None
   return tokens, q, kv
+
+
+def _draft_loop(step, kv, tokens0, pos0, keys, top_fs, steps, k: int, want_q: bool,
+                vocab: int):
+  """draft_decode's steps as one `lax.while_loop` of `steps` (traced) trips."""
+  b = tokens0.shape[0]
+  tokens = jnp.zeros((b, k), jnp.int32)
+  qs = jnp.zeros((b, k, vocab), jnp.float32) if want_q else None
+
+  def body(carry):
+    i, kv, tok, pos, tokens, qs = carry
+    kv, nxt, q = step(kv, tok, pos, keys[i], top_fs[i])
+    tokens = jax.lax.dynamic_update_slice(tokens, nxt[:, None], (0, i))
+    if want_q:
+      qs = jax.lax.dynamic_update_slice(qs, q[:, None], (0, i, 0))
+    return i + 1, kv, nxt[:, None], pos + 1, tokens, qs
+
+  _, kv, _, _, tokens, qs = jax.lax.while_loop(
+      lambda c: c[0] < steps, body, (jnp.int32(0), kv, tokens0, pos0, tokens, qs))
+  return tokens, qs, kv

@@ -14,41 +14,48 @@ the top branch of the same a (free, usually rejected). The answer moves back to 
 target's mesh device to device. The host dispatches both sides asynchronously and only
 reads finished tokens with a lag, so nothing on the critical path waits on it.
 
-Host order of one round (`round`), and why:
+Each mesh has its own host thread, as each side of SSD has its own process in the paper's
+engine. At batch 1 dispatching a program costs the host about 2.5 us per kernel (hundreds
+of kernels per step; measured on an H200 with launch/ssd_timing.py), so one thread
+dispatching verify, lookup and build in turn made the host, not either GPU, the slowest
+part of a round for small models. The caller's thread runs the target's side:
 
-  1. lookup of the previous round's outcome (its cache and outcome were dispatched then),
-     and the answer's copy to the target's mesh;
-  2. verify of that answer on the target's mesh;
-  3. cache build for that same speculation on the draft's mesh;
-  4. the copy of the verification outcome to the draft's mesh (lookup of the next round).
+  1. wait for the speculation the draft thread has dispatched (device arrays, not values);
+  2. verify it on the target's mesh (the critical path SSD is built around);
+  3. copy the outcome to the draft's mesh and hand it to the draft thread.
 
-The lookup opens the round rather than closing the previous one because with the `jit`
-fallback it contains a `lax.cond` (draft now, only if some sequence missed), and on GPU
-XLA evaluates a conditional by copying its predicate to the host: the host thread waits
-there until the draft has finished building the cache and the outcome has arrived. Placed
-first, that wait comes after the host has done everything else it has to (the lagged read
-of earlier tokens, the bookkeeping between rounds), so when the wait ends the only host
-work before the next verification starts is the answer's copy and its dispatch. Closing
-the round, the same wait put the lagged read and the loop's bookkeeping between the
-answer and its verification. XLA can evaluate conditionals on the device when they are
-captured in a CUDA graph (LLM(command_buffers="max"), runner.COMMAND_BUFFER_MODES), but on
-jax 0.11.2 the lookup's conditional was not captured even so (bench/RESULTS.md, fourth
-two-GPU call: the host still waits ~7 ms per hit round).
+The draft thread (`_draft_side`), one job per round, in order:
 
-The verification is dispatched before the cache build: the target's verification is the
-critical path SSD is built around, and the build, a loop of K draft steps, takes the
-host longer to dispatch. The last outcome of a wave is never looked up: no round follows.
+  1. lookup of the previous verification's outcome in the cache built for it, and the
+     answer's copy to the target's mesh (this unblocks the caller's step 1);
+  2. build the cache for that answer, while the target verifies it.
+
+Nothing in a round waits on the host. With the `jit` fallback the lookup must draft K
+tokens only if some sequence missed, and XLA:GPU decides data-dependent control flow on the
+host (it copies the predicate back and blocks the dispatching thread until the device gets
+there, i.e. until the verification is done) unless the control flow is inside a CUDA graph.
+So the fallback is one `lax.while_loop` of 0 or K trips, and the lookup is compiled with
+runner.COMMAND_BUFFER_MODES["max"] (loops in graphs) unless the user turned graphs off.
+Measured on jax 0.11.2 (launch/dispatch_probe.py and launch/ssd_timing.py, bench/RESULTS.md):
+a `lax.cond` around a loop is never put in a graph, one around straight-line code is with
+those options, but its unrolled K steps made the lookup program 6x larger to dispatch;
+the loop form was the fastest hit round for the 8B and the 135M pairs alike.
+
+The last outcome of a wave is looked up and built for too (the host learns a sequence
+stopped only rounds later); `finish` waits for that before the next wave touches the
+draft's pages.
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import dataclasses
 
 import jax
 import jax.numpy as jnp
 
 from ssd_jax.engine.decoder import DecodeState, Wave
-from ssd_jax.engine.runner import ModelRunner, slot_mapping
+from ssd_jax.engine.runner import COMMAND_BUFFER_MODES, ModelRunner, slot_mapping
 from ssd_jax.models.transformer import AttentionInputs, init_tree_scratch
 from ssd_jax.sharding.rules import TREE_SCRATCH_AXES, sharding_for
 from ssd_jax.spec import fanout as fo
@@ -116,11 +123,23 @@ class SSDDecoder(SpeculativeDecoder):
                               static_argnames=("greedy",))
     self._build = draft.jit(self._build_cache_fn, donate_argnums=(1,),
                             static_argnames=("want_q",))
+    # Loops in CUDA graphs (module docstring), unless the user turned graphs off.
+    graphs_off = draft.compiler_options == COMMAND_BUFFER_MODES["off"]
+    self.lookup_compiler_options = (draft.compiler_options if graphs_off
+                                    else COMMAND_BUFFER_MODES["max"])
     self._lookup = draft.jit(self._lookup_fn, donate_argnums=(1,),
-                             static_argnames=("want_q",))
+                             static_argnames=("want_q",),
+                             compiler_options=self.lookup_compiler_options)
+    # The draft's dispatches run on a host thread of their own (module docstring).
+    self._draft_thread = concurrent.futures.ThreadPoolExecutor(
+        max_workers=1, thread_name_prefix="ssd-draft")
+    self._job = None
+    self._draft_error = None
 
   # -- host side --------------------------------------------------------------------------
   def start(self, wave: Wave):
+    self.finish()  # the draft thread may still be dispatching the last wave's final job
+    self._draft_error = None
     state, first, count = self._start_wave(wave)
     self.want_q = not self.greedy
     # The first speculation has no cache to come from: draft it directly (a "miss").
@@ -128,47 +147,71 @@ class SSDDecoder(SpeculativeDecoder):
     self.draft.kv, self.dstate, q = self._first_spec(
         self.draft.params, self.draft.kv, token, pos, ~done, self.draft_page_table,
         self.draft_temp, self.draft_key, want_q=self.want_q)
-    self.spec_t = self.target.put((self.dstate.spec, q))
-    self._pending = None  # (cache, outcome on the draft's mesh, live) awaiting a lookup
+    # _spec: the next speculation on the target's mesh, and the lookup's hit flags.
+    self._spec = concurrent.futures.Future()
+    self._spec.set_result((self.target.put((self.dstate.spec, q)), {}))
+    self._cache = None  # (cache, live) the next lookup answers from
+    self._job = self._draft_thread.submit(self._draft_side, None, None)
     return state, first, count
 
+  def finish(self):
+    """Wait until the draft thread has dispatched its last job (and raise its error)."""
+    job, self._job = self._job, None
+    if job is not None:
+      job.result()
+
   def in_flight(self):
-    return self._pending or ()
+    if self._job is not None:
+      self._job.result()
+    return (self._cache, self.dstate)
 
   def round(self, state: DecodeState):
-    # The order of the dispatches is explained in the module docstring.
-    info = {}
-    if self._pending is not None:
-      # 1. The draft answers the outcome of the previous verification (from the cache, or
-      # the fallback); may wait on the host for that outcome (jit fallback on GPU).
-      cache, outcome, looked_up = self._pending
-      with self.host("lookup"):
-        self.draft.kv, self.dstate, spec_q, hit = self._lookup(
-            self.draft.params, self.draft.kv, self.dstate, cache, outcome,
-            self.draft_page_table, self.draft_temp, want_q=self.want_q)
-      with self.host("put_spec"):
-        self.spec_t = self.target.put(spec_q)
-      info.update(hit=hit, looked_up=looked_up)
-    self._pending = None
-    # 2. Target: verify the speculation (the critical path) ...
-    spec, q = self.spec_t
+    # The two threads' order is explained in the module docstring.
+    try:
+      (spec, q), info = self._spec.result()
+    except BaseException:
+      concurrent.futures.wait([self._job])
+      self._job = None  # its error is raised here, once
+      raise
+    info = dict(info)
     with self.host("verify"):
       self.target.kv, state, emitted, count, accepted, outcome = self._verify(
           self.target.params, self.target.kv, state, spec, q, self.consts,
           greedy=not self.want_q)
-    # 3. ... while the draft, on its own devices, prepares for every likely outcome.
-    with self.host("build"):
-      self.draft.kv, cache = self._build(self.draft.params, self.draft.kv, self.dstate,
-                                         self.draft_page_table, self.draft_temp,
-                                         self.branch_a, self.branch_rank,
-                                         want_q=self.want_q)
-    # 4. The outcome goes to the draft's mesh now (one small device-to-device copy that
-    # waits on the device for the verification); the next round looks it up.
+    # One small device-to-device copy that waits on the device for the verification.
     with self.host("put_outcome"):
       outcome = self.draft.put(outcome)
-    self._pending = (cache, outcome, self.dstate.live)
+    self._spec = concurrent.futures.Future()
+    self._job = self._draft_thread.submit(self._draft_side, outcome, self._spec)
     info["accepted"] = accepted
     return state, emitted, count, info
+
+  def _draft_side(self, outcome, spec_out: concurrent.futures.Future | None):
+    """The draft's job for one round, on the draft thread: answer `outcome` (None for the
+    first round, whose speculation `start` drafted) into `spec_out`, then build the cache
+    for that answer while the target verifies it."""
+    try:
+      if self._draft_error is not None:  # an earlier job failed: this one cannot run
+        raise self._draft_error
+      if outcome is not None:
+        cache, looked_up = self._cache
+        with self.host("lookup"):
+          self.draft.kv, self.dstate, spec_q, hit = self._lookup(
+              self.draft.params, self.draft.kv, self.dstate, cache, outcome,
+              self.draft_page_table, self.draft_temp, want_q=self.want_q)
+        with self.host("put_spec"):
+          spec_out.set_result((self.target.put(spec_q), {"hit": hit, "looked_up": looked_up}))
+      with self.host("build"):
+        self.draft.kv, cache = self._build(self.draft.params, self.draft.kv, self.dstate,
+                                           self.draft_page_table, self.draft_temp,
+                                           self.branch_a, self.branch_rank,
+                                           want_q=self.want_q)
+      self._cache = (cache, self.dstate.live)
+    except BaseException as e:
+      self._draft_error = e
+      if spec_out is not None and not spec_out.done():
+        spec_out.set_exception(e)
+      raise
 
   # -- device programs --------------------------------------------------------------------
   def _verify_fn(self, params, kv, state, spec, q, consts, greedy):
@@ -178,13 +221,14 @@ class SSDDecoder(SpeculativeDecoder):
     outcome = jnp.stack([accepted, new.token, new.pos, new.done.astype(jnp.int32)])
     return kv, new, emitted, count, accepted, outcome
 
-  def _draft_now(self, params, kv, token, pos, live, page_table, temp, key, want_q):
+  def _draft_now(self, params, kv, token, pos, live, page_table, temp, key, want_q,
+                 steps=None):
     """K draft tokens after `token` at `pos` (the first speculation and the jit fallback).
     The round after it follows a miss, so cache-aware sampling uses the after-miss list."""
     return draft_decode(self.draft, params, kv, token[:, None], pos[:, None], live,
                         page_table, k=self.opts.k, temperature=temp, key=key, want_q=want_q,
                         sampler_x=self.opts.sampler_x,
-                        top_fs=self.opts.plan.after_miss[:self.opts.k])
+                        top_fs=self.opts.plan.after_miss[:self.opts.k], steps=steps)
 
   def _first_spec_fn(self, params, kv, token, pos, live, page_table, temp, key, want_q):
     key, sub = jax.random.split(key)
@@ -254,13 +298,13 @@ class SSDDecoder(SpeculativeDecoder):
     sub, key = jax.random.fold_in(ds.key, 2), jax.random.fold_in(ds.key, 3)
     miss = live & ~hit
     if self.opts.fallback == "jit":
-      def draft_misses(_):
-        fb_spec, fb_q, kv2 = self._draft_now(params, kv, recovery, pos, miss, page_table,
-                                             temp, sub, want_q)
-        return kv2, jnp.where(miss[:, None], fb_spec, spec), (
-            jnp.where(miss[:, None, None], fb_q, q) if want_q else None)
-
-      kv, spec, q = jax.lax.cond(jnp.any(miss), draft_misses, lambda _: (kv, spec, q), None)
+      # K draft steps after a miss, none after a hit: one loop whose trip count only the
+      # device knows (module docstring).
+      fb_spec, fb_q, kv = self._draft_now(params, kv, recovery, pos, miss, page_table, temp,
+                                          sub, want_q,
+                                          steps=jnp.where(jnp.any(miss), self.opts.k, 0))
+      spec = jnp.where(miss[:, None], fb_spec, spec)
+      q = jnp.where(miss[:, None, None], fb_q, q) if want_q else None
     # `fast`: a miss keeps the top branch of the same acceptance length (free to produce;
     # any proposal is exact because verification uses the q it was drawn from).
     new = DraftState(token=recovery, pos=pos, live=live, spec=spec,
