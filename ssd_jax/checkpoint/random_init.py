@@ -57,6 +57,13 @@ REAL_SHAPES: dict[str, ModelConfig] = {
     "llama-3.1-70b": ModelConfig(**_LLAMA3, hidden_size=8192, intermediate_size=28672,
                                  num_layers=80, num_heads=64, num_kv_heads=8, head_dim=128,
                                  rope_scaling=_llama3(8.0)),
+    # The embedded real target (its GGUF's config): random weights of its shape time the
+    # real pair's programs (e.g. forced cache hits) without carrying the 98 MB file.
+    "smollm2-135m": ModelConfig(model_type="llama", vocab_size=49152, hidden_size=576,
+                                intermediate_size=1536, num_layers=30, num_heads=9,
+                                num_kv_heads=3, head_dim=64, rms_norm_eps=1e-5,
+                                rope_theta=100000.0, max_position_embeddings=8192,
+                                tie_word_embeddings=True, bos_token_id=1, eos_token_ids=(2,)),
     "qwen3-0.6b": ModelConfig(**_QWEN3, hidden_size=1024, intermediate_size=3072,
                               num_layers=28, num_heads=16, num_kv_heads=8,
                               tie_word_embeddings=True),
