@@ -30,7 +30,7 @@ The draft thread (`_draft_side`), one job per round, in order:
      answer's copy to the target's mesh (this unblocks the caller's step 1);
   2. build the cache for that answer, while the target verifies it.
 
-Nothing in a round waits on the host. With the `jit` fallback the lookup must draft K
+No dispatch of a round may wait for the device. With the `jit` fallback the lookup drafts K
 tokens only if some sequence missed, and XLA:GPU decides data-dependent control flow on the
 host (it copies the predicate back and blocks the dispatching thread until the device gets
 there, i.e. until the verification is done) unless the control flow is inside a CUDA graph.
