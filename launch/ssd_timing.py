@@ -29,19 +29,13 @@ import time
 
 from absl import app, flags
 
-flags.DEFINE_string("target", "llama-3.1-8b", "REAL_SHAPES name of the target.")
-flags.DEFINE_string("draft", "llama-3.2-1b", "REAL_SHAPES name of the draft.")
+from step_programs import define_pair_flags  # launch/, next to this script
+
+define_pair_flags()
 flags.DEFINE_integer("target_layers", 0, "Override the target's layer count (0: real).")
 flags.DEFINE_integer("draft_layers", 0, "Override the draft's layer count (0: real).")
-flags.DEFINE_string("mesh", "1x1", "Target mesh TxD.")
-flags.DEFINE_integer("draft_devices", 1, "Devices for the draft's own mesh.")
-flags.DEFINE_string("dtype", "bfloat16", "Weights and compute dtype.")
-flags.DEFINE_integer("k", 7, "Draft tokens per round.")
-flags.DEFINE_integer("f", 3, "SSD fan-out per acceptance length.")
-flags.DEFINE_integer("batch", 1, "Sequences per batch.")
 flags.DEFINE_integer("prompt_len", 128, "Prompt tokens.")
 flags.DEFINE_integer("new_tokens", 128, "Generated tokens per sequence.")
-flags.DEFINE_string("attention", "auto", "auto | xla | pallas.")
 flags.DEFINE_list("runs", "ar,sd,ssd_hit,ssd_miss_jit,ssd_miss_fast",
                   "What to time, in order: ar, sd, ssd_hit, ssd_miss_jit, ssd_miss_fast, "
                   "steps (the single-step programs alone); each NAME may take options "
@@ -143,7 +137,7 @@ def _build(name, role, seed, layers=0, fused=True):
 def _steps(target, draft, k, results):
   """The single-step programs alone (launch/step_programs.py), per command-buffer mode."""
   try:
-    import step_programs  # launch/, next to this script
+    import step_programs
     from ssd_jax.engine.runner import ModelRunner
     from ssd_jax.sharding import MeshSpec, make_meshes
     tmesh, dmesh = make_meshes(MeshSpec.parse(FLAGS.mesh), FLAGS.draft_devices)

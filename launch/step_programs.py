@@ -207,8 +207,9 @@ def main(argv):
       json.dump(res, fh, indent=1)
 
 
-if __name__ == "__main__":
-  from absl import app, flags
+def define_pair_flags():
+  """The flags naming a target/draft pair and its placement, shared with ssd_timing.py."""
+  from absl import flags
   flags.DEFINE_string("target", "llama-3.1-8b", "REAL_SHAPES name of the target.")
   flags.DEFINE_string("draft", "llama-3.2-1b", "REAL_SHAPES name of the draft.")
   flags.DEFINE_string("mesh", "1x1", "Target mesh TxD.")
@@ -216,9 +217,14 @@ if __name__ == "__main__":
   flags.DEFINE_string("dtype", "bfloat16", "Weights and compute dtype.")
   flags.DEFINE_integer("k", 7, "Draft tokens per round.")
   flags.DEFINE_integer("f", 3, "SSD fan-out per acceptance length (tree width (K+1)*F).")
-  flags.DEFINE_integer("batch", 1, "Sequences.")
-  flags.DEFINE_integer("context", 192, "Tokens already in the cache.")
+  flags.DEFINE_integer("batch", 1, "Sequences per batch.")
   flags.DEFINE_string("attention", "auto", "auto | xla | pallas.")
+
+
+if __name__ == "__main__":
+  from absl import app, flags
+  define_pair_flags()
+  flags.DEFINE_integer("context", 192, "Tokens already in the cache.")
   flags.DEFINE_list("programs", list(PROGRAMS), "Which programs.")
   flags.DEFINE_list("command_buffers", ["default", "off", "max"], "XLA command-buffer modes.")
   flags.DEFINE_integer("iters", 50, "Calls per timing.")
