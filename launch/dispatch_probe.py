@@ -143,59 +143,55 @@ def _child(mode: str) -> dict:
   for _ in range(5):
     slow(big, x0).block_until_ready()
   out["slow_ms"] = (time.perf_counter() - t) / 5 * 1e3
+  timing = lambda step, **kw: _time_dispatch(step, lambda: slow(big, x0), x0, **kw)
   for name, fn in progs.items():
     f = jit(fn)
-    f(x0, ws).block_until_ready()
-    hosts, blocked = [], []
-    for _ in range(5):  # host: dispatch with the queue busy
-      y = slow(big, x0)
-      for _ in range(10):
-        t = time.perf_counter()
-        y = f(y, ws)
-        hosts.append(time.perf_counter() - t)
-      y.block_until_ready()
-    t = time.perf_counter()
-    y = x0
-    for _ in range(50):
-      y = f(y, ws)
-    y.block_until_ready()
-    device = (time.perf_counter() - t) / 50
-    for _ in range(5):
-      y = slow(big, x0)
-      t = time.perf_counter()
-      z = f(y, ws)
-      blocked.append(time.perf_counter() - t)
-      z.block_until_ready()
-    out[name] = {"host_ms": float(np.median(hosts)) * 1e3, "device_ms": device * 1e3,
-                 "blocked_ms": float(np.median(blocked)) * 1e3}
+    out[name] = timing(lambda y: f(y, ws))
   for name, fn in state_progs.items():
     f = jax.jit(fn, donate_argnums=(2,), **({"compiler_options": opts} if opts else {}))
-    y, s = f(x0, ws, jnp.zeros_like(state0))
-    jax.block_until_ready((y, s))
-    hosts, blocked = [], []
-    for _ in range(5):
-      y = slow(big, x0)
-      for _ in range(10):
-        t = time.perf_counter()
-        y, s = f(y, ws, s)
-        hosts.append(time.perf_counter() - t)
-      jax.block_until_ready((y, s))
-    t = time.perf_counter()
-    y = x0
-    for _ in range(50):
-      y, s = f(y, ws, s)
-    jax.block_until_ready((y, s))
-    device = (time.perf_counter() - t) / 50
-    for _ in range(5):
-      y = slow(big, x0)
-      t = time.perf_counter()
-      y, s = f(y, ws, s)
-      blocked.append(time.perf_counter() - t)
-      jax.block_until_ready((y, s))
-    out[name] = {"host_ms": float(np.median(hosts)) * 1e3, "device_ms": device * 1e3,
-                 "blocked_ms": float(np.median(blocked)) * 1e3}
+    cell = [x0, jnp.zeros_like(state0)]  # the latest (y, state): the state is carried
+
+    def step(y):
+      cell[:] = f(y, ws, cell[1])
+      return cell
+    out[name] = timing(step)
   out.update(_engine_lookup(jax, jnp, np, opts, slow, big, x0))
   return out
+
+
+def _time_dispatch(step, slow_input, x0, *, chain=True, host_calls=10, device_calls=50):
+  """host / device / blocked (module docstring) of `step(y) -> outputs`; with `chain` the
+  outputs' first element is the next call's y, otherwise every call takes the same y."""
+  import jax
+  import numpy as np
+
+  def call(y):
+    out = step(y)
+    return (out[0] if isinstance(out, list) else out) if chain else y, out
+
+  jax.block_until_ready(call(x0)[1])
+  hosts, blocked = [], []
+  for _ in range(5):  # host: dispatch with the queue busy
+    y = slow_input()
+    for _ in range(host_calls):
+      t = time.perf_counter()
+      y, out = call(y)
+      hosts.append(time.perf_counter() - t)
+    jax.block_until_ready(out)
+  t = time.perf_counter()
+  y = x0
+  for _ in range(device_calls):
+    y, out = call(y)
+  jax.block_until_ready(out)
+  device = (time.perf_counter() - t) / device_calls
+  for _ in range(5):
+    y = slow_input()
+    t = time.perf_counter()
+    _, out = call(y)
+    blocked.append(time.perf_counter() - t)
+    jax.block_until_ready(out)
+  return {"host_ms": float(np.median(hosts)) * 1e3, "device_ms": device * 1e3,
+          "blocked_ms": float(np.median(blocked)) * 1e3}
 
 
 def _engine_lookup(jax, jnp, np, opts, slow, big, x0) -> dict:
@@ -237,30 +233,13 @@ def _engine_lookup(jax, jnp, np, opts, slow, big, x0) -> dict:
 
     for name, fn in ((f"engine_cond_{impl}", cond_prog), (f"engine_plain_{impl}", plain_prog)):
       f = runner.jit(fn, donate_argnums=(1,), **({"compiler_options": opts} if opts else {}))
-      kv = jax.tree.map(jnp.zeros_like, runner.kv)
-      kv, t = f(runner.params, kv, x0)
-      jax.block_until_ready(kv)
-      hosts, blocked = [], []
-      for _ in range(5):
-        y = slow(big, x0)
-        for _ in range(5):
-          t0 = time.perf_counter()
-          kv, t = f(runner.params, kv, y)
-          hosts.append(time.perf_counter() - t0)
-        jax.block_until_ready(kv)
-      t0 = time.perf_counter()
-      for _ in range(20):
-        kv, t = f(runner.params, kv, x0)
-      jax.block_until_ready(kv)
-      device = (time.perf_counter() - t0) / 20
-      for _ in range(5):
-        y = slow(big, x0)
-        t0 = time.perf_counter()
-        kv, t = f(runner.params, kv, y)
-        blocked.append(time.perf_counter() - t0)
-        jax.block_until_ready(kv)
-      out[name] = {"host_ms": float(np.median(hosts)) * 1e3, "device_ms": device * 1e3,
-                   "blocked_ms": float(np.median(blocked)) * 1e3}
+      cell = [jax.tree.map(jnp.zeros_like, runner.kv)]  # the KV pool, carried
+
+      def step(y):
+        cell[0], _ = f(runner.params, cell[0], y)
+        return cell
+      out[name] = _time_dispatch(step, lambda: slow(big, x0), x0, chain=False,
+                                 host_calls=5, device_calls=20)
   return out
 
 
