@@ -6,11 +6,15 @@ exactly the batch's context (pages shuffled in the pool), counts the bytes the k
 move (the visible KV pages of every sequence, read once for all query heads, plus Q, out
 and lse), and times the kernel: one jitted function runs it `--inner` times back to back
 (each call's output is the next call's query, so nothing can be hoisted or batched), the
-median over `--repeats` runs, divided by `--inner`, is the time per call. GB/s is bytes
-over that time; "of copy" is that over the measured device copy bandwidth (max of a
-device-to-device array copy and an elementwise pass, bytes read + written). TF/s counts
-the useful matmul work (QK and PV over the visible positions only), to tell rows limited
-by arithmetic (big trees) from rows limited by bytes or by latency.
+median over `--repeats` runs, divided by `--inner`, is the time per call. Consecutive calls
+read different copies of the pool (`--rotate_mb`), so a pool smaller than the L2 cache is
+read from memory, as it is in a model. GB/s is bytes over that time; "copy%" is that over
+the measured device copy bandwidth (max of a device-to-device array copy and an
+elementwise pass, bytes read + written). "read" is XLA's time to merely read the same
+pools (a reduction per call, timed the same way) over the kernel's: the floor that fixed
+per-launch costs put under a call of this size. TF/s counts the useful matmul work (QK and
+PV over the visible positions only), to tell rows limited by arithmetic (big trees) from
+rows limited by bytes or by latency.
 
   python launch/kernel_bench.py                         # the default table
   python launch/kernel_bench.py --shapes=70b --contexts=4096 --batches=8 --modes=decode
@@ -72,7 +76,7 @@ flags.DEFINE_integer("page_size", 64, "tokens per KV page")
 flags.DEFINE_enum("dtype", "bfloat16", ["bfloat16", "float32"], "KV / query dtype")
 flags.DEFINE_string("output_json", None, "write the results here as JSON")
 flags.DEFINE_integer("repeats", 7, "timed runs per case (median)")
-flags.DEFINE_integer("inner", 0, "calls per timed run (0: enough for ~1 ms, at most 8)")
+flags.DEFINE_integer("inner", 0, "calls per timed run (0: enough for ~1 ms, at most 32)")
 flags.DEFINE_bool("reference", True, "also time the XLA reference (where it fits)")
 flags.DEFINE_float("ref_mem_gb", 36.0, "skip the reference when it would need more")
 flags.DEFINE_bool("verify", False, "also report each row's error against the reference")
@@ -84,6 +88,16 @@ flags.DEFINE_integer("num_splits", 0, "kernel: KV splits (0: auto)")
 flags.DEFINE_integer("num_warps", 0, "kernel: Triton warps (0: default)")
 flags.DEFINE_integer("num_stages", 0, "kernel: Triton pipeline stages (0: default)")
 flags.DEFINE_enum("merge", "pallas", ["pallas", "xla"], "kernel: how KV splits are merged")
+flags.DEFINE_integer("rotate_mb", 256, "each timed run cycles through copies of the page "
+                     "pool totalling at least this many MB (as many as it has calls), so "
+                     "that a pool smaller than the L2 cache is still read from memory, as "
+                     "in a model where every layer's weights pass through L2 between two "
+                     "calls of one layer's attention; 0: one pool")
+flags.DEFINE_bool("read_floor", True, "also time XLA reading the same pools (a reduction "
+                  "of K and V per call, timed like the kernel): the fastest a plain XLA "
+                  "kernel reads these bytes, fixed costs included")
+flags.DEFINE_integer("race_repeats", 20, "--check: calls of each split case on the same "
+                     "inputs, every output bitwise equal to the first (a race would move it)")
 flags.DEFINE_string("rows", None, "table rows as shape:mode:batch:context specs (fields are "
                     "comma lists; specs separated by spaces or ;); 'none' skips the table; "
                     "default: the product of --shapes, --contexts, --batches, --modes")
@@ -223,7 +237,13 @@ def plan_of(shape, batch, ctx, nq, ps, dtype, kw):
         interpret=jax.default_backend() != "gpu", **plan_kw)
   except Exception as e:  # pylint: disable=broad-except
     return {"error": str(e)[:200]}
-  if plan["num_splits"] > 1 and kw.get("merge") == "xla":
+  return with_merge(plan, kw.get("merge"))
+
+
+def with_merge(plan, merge):
+  """The plan as run with `merge` (None: the merge kernel): the merge kernel's fields only
+  where that kernel runs."""
+  if plan["num_splits"] > 1 and merge == "xla":
     plan = {k: v for k, v in plan.items() if not k.startswith("merge_")}
     plan["merge"] = "xla"
   return plan
@@ -278,23 +298,49 @@ def copy_bandwidth(nbytes=None, repeats=20, warmup_s=1.0):
 
 
 def inner_calls(nbytes):
-  return FLAGS.inner or int(np.clip(round(1e-3 / (nbytes / 2.5e12)), 1, 8))
+  """Calls per timed run: enough for ~1 ms, so that the benchmark's own dispatch of each
+  run is spread thin (at batch 1, 8 calls per run still left half the time to it)."""
+  return FLAGS.inner or int(np.clip(round(1e-3 / (nbytes / 2.5e12)), 1, 32))
+
+
+def read_loop(inner):
+  """jit(reduce K and V of pool i, `inner` times, each read waiting for the last): one
+  XLA kernel per call reading the pool's bytes, the floor a kernel of this size meets."""
+  def run(kvs):
+    total = jnp.zeros((), jnp.float32)
+    for i in range(inner):
+      k, v = kvs[i % len(kvs)]
+      # `+ total` on both chains the calls: no two reductions can merge into one launch,
+      # and none can be shared between two calls that read the same copy of the pool.
+      total = (jnp.sum(k.astype(jnp.float32) + total)
+               + jnp.sum(v.astype(jnp.float32) + total))
+    return total
+  return jax.jit(run)
+
+
+def pool_copies(pool_bytes, inner):
+  """How many copies of the pool one timed run cycles through (see --rotate_mb)."""
+  if not FLAGS.rotate_mb:
+    return 1
+  return int(np.clip(-(-FLAGS.rotate_mb * 1e6 // pool_bytes), 1, inner))
 
 
 def looped(attn, inner):
-  """jit(run `attn` `inner` times, feeding each output back in as the next query).
+  """jit(run `attn` `inner` times, feeding each output back in as the next query; call i
+  reads the i-th of the given K/V pools, cyclically).
 
   `attn` is jitted on its own, so the `inner` identical calls are lowered (and compiled by
   Triton) once, as a model's layers are.
   """
   attn = jax.jit(attn)
 
-  def run(q, k, v, pt, lim):
-    lse_sum = jnp.zeros((), jnp.float32)
-    for _ in range(inner):
+  def run(q, kvs, pt, lim):
+    # Nothing else runs between the calls (an earlier version summed each call's lse
+    # here: one more small kernel per call, timed as the kernel's).
+    for i in range(inner):
+      k, v = kvs[i % len(kvs)]
       q, lse = attn(q, k, v, pt, lim)
-      lse_sum = lse_sum + lse[0, 0, 0]
-    return q, lse_sum
+    return q, lse
   return jax.jit(run)
 
 
@@ -389,25 +435,35 @@ def measure(bw, pools, shape, mode, batch, ctx, kw, *, with_ref, inner=None):
   nbytes = bytes_moved(shape, batch, ctx, nq, ps, dtype.itemsize)
   flops = useful_flops(shape, batch, ctx, nq)
   inner = inner or inner_calls(nbytes)
+  copies = pool_copies(k.nbytes + v.nbytes, inner)
   row = dict(shape=shape, mode=mode, q=nq, batch=batch, context=ctx, page_size=ps,
-             dtype=dtype.name, bytes=nbytes, flops=flops, inner=inner, kernel=kw,
-             plan=plan_of(shape, batch, ctx, nq, ps, dtype, kw))
+             dtype=dtype.name, bytes=nbytes, flops=flops, inner=inner, pool_copies=copies,
+             kernel=kw, plan=plan_of(shape, batch, ctx, nq, ps, dtype, kw))
   kern = functools.partial(pallas_attention.paged_attention, scale=scale, **kw)
+  kvs = [(k, v)] + [(jnp.array(k, copy=True), jnp.array(v, copy=True))
+                    for _ in range(copies - 1)]
   try:
     t0 = time.perf_counter()
     f = looped(kern, inner)
-    jax.block_until_ready(f(q, k, v, pt, lim))
+    jax.block_until_ready(f(q, kvs, pt, lim))
     row["compile_s"] = time.perf_counter() - t0
-    t = _time(f, (q, k, v, pt, lim), FLAGS.repeats) / inner
+    t = _time(f, (q, kvs, pt, lim), FLAGS.repeats) / inner
     row.update(ms=t * 1e3, gbps=nbytes / t / 1e9, frac=nbytes / t / bw,
                tflops=flops / t / 1e12)
+    if FLAGS.read_floor:
+      fr = read_loop(inner)
+      jax.block_until_ready(fr(kvs))
+      tr = _time(fr, (kvs,), FLAGS.repeats) / inner
+      # vs_read: the XLA read's time over the kernel's (1.0: as fast as merely reading
+      # the pool; the pool holds one spare page, so slightly over the KV the kernel reads).
+      row.update(read_ms=tr * 1e3, read_frac=(k.nbytes + v.nbytes) / tr / bw, vs_read=tr / t)
   except Exception as e:  # pylint: disable=broad-except
     row.update(error=f"{type(e).__name__}: {str(e)[:300]}")
   need = ref_bytes_needed(shape, batch, ctx, nq, dtype.itemsize)
   if with_ref and FLAGS.reference and need <= FLAGS.ref_mem_gb * 1e9:
     try:
       fr = looped(lambda *a: reference.paged_attention(*a, scale=scale), 1)
-      tr = _time(fr, (q, k, v, pt, lim), max(3, FLAGS.repeats // 2))
+      tr = _time(fr, (q, [(k, v)], pt, lim), max(3, FLAGS.repeats // 2))
       row.update(ref_ms=tr * 1e3)
       if "ms" in row and FLAGS.verify:
         o, _ = jax.jit(kern)(q, k, v, pt, lim)
@@ -441,7 +497,8 @@ def bench_table(bw, rows, specs):
 
 
 HEADER = (f"{'':13} {'shape':7} {'mode':6} {'Q':>3} {'B':>3} {'ctx':>6} {'MB':>7} "
-          f"{'ms':>8} {'GB/s':>6} {'copy%':>6} {'TF/s':>6} {'xla ms':>7} {'vs xla':>6} "
+          f"{'ms':>8} {'GB/s':>6} {'copy%':>6} {'read':>6} {'TF/s':>6} {'xla ms':>7} "
+          f"{'vs xla':>6} "
           f"{'rel err':>8}  plan")
 
 
@@ -452,8 +509,9 @@ def fmt_row(r):
   ref = f"{r['ref_ms']:7.3f}" if "ref_ms" in r else f"{'skip':>7}"
   sp = f"{r['ref_ms'] / r['ms']:6.1f}" if "ref_ms" in r else f"{'':>6}"
   err = f"{r['rel_err']:8.1e}" if "rel_err" in r else f"{'':>8}"
+  read = f"{r['vs_read']:6.2f}" if "vs_read" in r else f"{'':>6}"
   return (f"{head} {r['bytes'] / 1e6:7.1f} {r['ms']:8.4f} {r['gbps']:6.0f} "
-          f"{100 * r['frac']:5.1f}% {r['tflops']:6.1f} {ref} {sp} {err}  "
+          f"{100 * r['frac']:5.1f}% {read} {r['tflops']:6.1f} {ref} {sp} {err}  "
           f"{plan_str(r['plan'])} (x{r['inner']}, compile {r.get('compile_s', 0):.1f}s)")
 
 
@@ -477,7 +535,8 @@ def sweep(bw, results, plan):
                     with_ref=False, inner=cfg.get("inner"))
       row["config"] = cfg
       results.append(row)
-      msg = (f"{row['ms']:.4f} ms {100 * row['frac']:5.1f}% {row['tflops']:5.1f} TF/s  "
+      read = f" (XLA read {row['read_ms']:.4f} ms)" if "read_ms" in row else ""
+      msg = (f"{row['ms']:.4f} ms {100 * row['frac']:5.1f}%{read} {row['tflops']:5.1f} TF/s  "
              f"{plan_str(row['plan'])} (x{row['inner']}, compile {row['compile_s']:.1f}s)"
              if "ms" in row else row["error"])
       print(f"{progress(i, n)} sweep {tag}: {msg}", flush=True)
@@ -574,6 +633,7 @@ def check():
         q.shape, k.shape, pages_per_seq, dt, num_splits=splits,
         interpret=jax.default_backend() != "gpu",
         **{key: val for key, val in extra.items() if key != "merge"})
+    plan = with_merge(plan, extra.get("merge"))
     try:
       o, lse = jax.jit(functools.partial(pallas_attention.paged_attention, scale=scale,
                                          num_splits=splits, **extra))(*args)
@@ -585,12 +645,22 @@ def check():
       lse_ok = np.allclose(np.asarray(lse), np.asarray(rlse), rtol=1e-4, atol=1e-3)
       empty_ok = bool(np.all(o[lim == 0] == 0.0))
       tol = 1e-5 if dtype == "float32" else 2e-2
-      ok = err < tol and lse_ok and empty_ok and np.isfinite(o).all()
+      # Splits run concurrently and are merged afterwards: the same inputs must give
+      # bitwise the same outputs every time (a race would move them).
+      stable = True
+      if plan["num_splits"] > 1:
+        f = jax.jit(functools.partial(pallas_attention.paged_attention, scale=scale,
+                                      num_splits=splits, **extra))
+        for _ in range(FLAGS.race_repeats):
+          o2, lse2 = f(*args)
+          stable &= bool(np.array_equal(np.asarray(o2, np.float32), o)
+                         and np.array_equal(np.asarray(lse2), np.asarray(lse)))
+      ok = err < tol and lse_ok and empty_ok and np.isfinite(o).all() and stable
       _OUT.setdefault("check", []).append(dict(case=tag, ok=bool(ok), rel_err=float(err),
-                                               lse_ok=bool(lse_ok), plan=plan))
+                                               lse_ok=bool(lse_ok), stable=stable, plan=plan))
       print(f"{progress(n, len(cases))} check {'OK  ' if ok else 'FAIL'} {tag} "
-            f"[{plan_str(plan)}]: rel err {err:.2e} lse ok {lse_ok} empty rows 0 {empty_ok}",
-            flush=True)
+            f"[{plan_str(plan)}]: rel err {err:.2e} lse ok {lse_ok} empty rows 0 {empty_ok}"
+            f" repeatable {stable}", flush=True)
     except Exception as e:  # pylint: disable=broad-except
       ok = False
       _OUT.setdefault("check", []).append(dict(case=tag, ok=False, plan=plan,
