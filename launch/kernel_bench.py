@@ -304,8 +304,9 @@ def inner_calls(nbytes):
 
 
 def read_loop(inner):
-  """jit(reduce K and V of pool i, `inner` times, each read waiting for the last): one
-  XLA kernel per call reading the pool's bytes, the floor a kernel of this size meets."""
+  """jit(reduce K and V of pool i, `inner` times, each read waiting for the last): XLA's
+  reduction kernels reading the pool's bytes once per call, the floor that a kernel of
+  this size meets."""
   def run(kvs):
     total = jnp.zeros((), jnp.float32)
     for i in range(inner):
