@@ -316,7 +316,7 @@ def default_factory(cfg: BenchConfig):
   try:
     from ssd_jax import LLM, SamplingParams
   except ImportError:
-    from ssd_jax.engine.llm import LLM
+    from ssd_jax.llm import LLM
     from ssd_jax.engine.sampling import SamplingParams
 
   def make(method, model, draft, profile):

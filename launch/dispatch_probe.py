@@ -203,7 +203,7 @@ def _engine_lookup(jax, jnp, np, opts, slow, big, x0) -> dict:
   from ssd_jax.engine.runner import ModelRunner
   from ssd_jax.kernels import resolve_impl
   from ssd_jax.sharding import MeshSpec, make_meshes
-  from ssd_jax.spec.draft import draft_decode
+  from ssd_jax.decoding.draft import draft_decode
 
   cfg = dataclasses.replace(REAL_SHAPES["llama-3.2-1b"], num_layers=4)
   mesh, _ = make_meshes(MeshSpec.parse("1x1"), 0)

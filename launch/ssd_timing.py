@@ -242,17 +242,17 @@ def main(argv):
     recorders = {}
     if FLAGS.kernels:
       for attr in PROGRAM_ATTRS:
-        if hasattr(llm.decoder, attr):
-          recorders[attr.lstrip("_")] = _Recorder(getattr(llm.decoder, attr))
-          setattr(llm.decoder, attr, recorders[attr.lstrip("_")])
+        if hasattr(llm.decoding, attr):
+          recorders[attr.lstrip("_")] = _Recorder(getattr(llm.decoding, attr))
+          setattr(llm.decoding, attr, recorders[attr.lstrip("_")])
     t0 = time.perf_counter()
     llm.generate(prompts, params)          # warm-up: compiles every program
     warm = time.perf_counter() - t0
     for attr in PROGRAM_ATTRS:  # the timed runs call the programs directly
       if attr.lstrip("_") in recorders:
-        setattr(llm.decoder, attr, recorders[attr.lstrip("_")].fn)
+        setattr(llm.decoding, attr, recorders[attr.lstrip("_")].fn)
     llm.reset_prefix_cache()  # a cached prefix would change the prefill shape bucket
-    llm.decoder.trace_host = FLAGS.trace_host
+    llm.decoding.trace_host = FLAGS.trace_host
     outs = llm.generate(prompts, params)
     m = dict(llm.last_metrics)
     toks = [o.token_ids for o in outs]
@@ -264,10 +264,10 @@ def main(argv):
     m["warmup_s"] = warm
     if profile_too and llm.method != "ar":
       llm.reset_prefix_cache()
-      llm.decoder.profile = True
+      llm.decoding.profile = True
       llm.generate(prompts, params)
       m.update({f"profile_{k}": v for k, v in llm.last_metrics.items() if k.endswith("_ms")})
-      llm.decoder.profile = False
+      llm.decoding.profile = False
     programs = {}
     for prog, rec in recorders.items():
       try:

@@ -6,7 +6,7 @@
                        chat_template=True)
 """
 
-from ssd_jax.engine.llm import LLM, RequestOutput
+from ssd_jax.llm import LLM, RequestOutput
 from ssd_jax.engine.sampling import SamplingParams
 
 __all__ = ["LLM", "RequestOutput", "SamplingParams"]

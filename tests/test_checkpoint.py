@@ -404,18 +404,18 @@ def test_fused_projections_equal_separate_ones(tmp_path):
   unfused model's weights, stacked, give the same logits, and its HF export loads into
   the (fused) engine with the same logits too."""
   from ssd_jax.config import ModelConfig
-  from ssd_jax.distill import draft_init
+  from ssd_jax.checkpoint import default_draft
   from ssd_jax.distill.train import causal_forward
   from ssd_jax.models.transformer import Transformer, fuse_flat
   cfg = ModelConfig.from_hf_dict(helpers.hf_config("llama").to_dict())
   cfg = dataclasses.replace(cfg, attention_bias=True)
   sep = Transformer(cfg, rngs=nnx.Rngs(3), fused_projections=False)
-  flat = draft_init.flat_params(sep)
+  flat = default_draft.flat_params(sep)
   assert "layers.0.self_attn.k_proj" in flat and "layers.0.mlp.up_proj" in flat
   flat = {k: (v + 0.1 if k.endswith("_bias") else v) for k, v in flat.items()}
-  draft_init.assign_params(sep, flat)
+  default_draft.assign_params(sep, flat)
   fused = Transformer(cfg, rngs=nnx.Rngs(4))
-  draft_init.assign_params(fused, fuse_flat({k: np.asarray(v) for k, v in flat.items()}))
+  default_draft.assign_params(fused, fuse_flat({k: np.asarray(v) for k, v in flat.items()}))
   tokens = jnp.asarray([PROMPTS[0]], jnp.int32)
   want = np.asarray(causal_forward(sep, tokens))
   np.testing.assert_allclose(np.asarray(causal_forward(fused, tokens)), want,

@@ -10,6 +10,7 @@ import pytest
 from flax import nnx
 
 from ssd_jax.config import ModelConfig
+from ssd_jax.checkpoint import default_draft
 from ssd_jax.distill import corpus, draft_init, train
 from ssd_jax.models.transformer import Transformer
 
@@ -26,10 +27,10 @@ def tiny_target():
   Built once: eager model construction is most of a tiny test's time on a busy CPU.
   """
   m = Transformer(CFG, rngs=nnx.Rngs(0))
-  flat = draft_init.flat_params(m)
+  flat = default_draft.flat_params(m)
   flat = {k: (v * 8.0 if k.startswith("layers.") and v.ndim > 1 else v)
           for k, v in flat.items()}
-  draft_init.assign_params(m, flat)
+  default_draft.assign_params(m, flat)
   return m
 
 
@@ -51,7 +52,7 @@ def test_init_from_target_copies_first_layers():
   target = tiny_target()
   draft = draft_init.build_draft(draft_init.draft_config(CFG, num_layers=1), target=target,
                                  init_from_target=True)
-  t, d = draft_init.flat_params(target), draft_init.flat_params(draft)
+  t, d = default_draft.flat_params(target), default_draft.flat_params(draft)
   assert set(d) == {k for k in t if not k.startswith("layers.1.")}
   for k in d:
     np.testing.assert_array_equal(d[k], t[k])
@@ -144,13 +145,13 @@ def test_draft_layers_and_export_round_trip(tmp_path):
   layers = str(tmp_path / "layers")
   draft_init.save_draft_layers(draft, dcfg, layers, shard_mb=0.01)
   assert len([f for f in os.listdir(layers) if f.endswith(".safetensors")]) > 1
-  full = draft_init.build_full_draft(layers, str(tmp_path / "full"), target_path=tdir,
+  full = default_draft.build_full_draft(layers, str(tmp_path / "full"), target_path=tdir,
                                      dtype=jnp.float32, with_tokenizer=False)
   rebuilt, _ = checkpoint.load_model(full, dtype=jnp.float32)
   np.testing.assert_array_equal(rebuilt.embed_tokens[...], target.embed_tokens[...])
   bf16 = {k: np.asarray(jnp.asarray(v, jnp.bfloat16).astype(jnp.float32))
-          for k, v in draft_init.flat_params(draft).items() if k != "embed_tokens"}
-  got = draft_init.flat_params(rebuilt)
+          for k, v in default_draft.flat_params(draft).items() if k != "embed_tokens"}
+  got = default_draft.flat_params(rebuilt)
   for k, v in bf16.items():
     np.testing.assert_array_equal(np.asarray(got[k]), v)
 
@@ -182,10 +183,10 @@ def test_token_file_round_trip(tmp_path):
 
 
 def test_default_draft_files_fit_the_embedded_target():
-  src = os.path.join(draft_init.repo_drafts_dir(), draft_init.DEFAULT_DRAFT_NAME)
+  src = os.path.join(default_draft.drafts_dir(), default_draft.DEFAULT_DRAFT_NAME)
   if not os.path.isfile(os.path.join(src, "draft.json")):
     pytest.skip("no default draft in this checkout")
-  cfg, flat = draft_init.load_draft_layers(src)
+  cfg, flat = default_draft.load_draft_layers(src)
   assert (cfg.vocab_size, cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads) == (49152, 576, 9, 3)
   assert "embed_tokens" not in flat and cfg.tie_word_embeddings
   draft = nnx.eval_shape(lambda: Transformer(cfg, rngs=nnx.Rngs(0)))  # shapes only
@@ -210,11 +211,11 @@ def test_int8_draft_layers_store_what_the_round_trip_says(tmp_path):
     assert err <= (np.abs(v).max() / 127 / 2 + 1e-7 if v.ndim > 1 else 0), k
   k_part = flat["layers.0.self_attn.kv_proj"][:, 0]
   np.testing.assert_array_equal(rt["layers.0.self_attn.kv_proj"][:, 0],
-                                draft_init.int8_dequantize(*draft_init.int8_quantize(k_part),
+                                default_draft.int8_dequantize(*draft_init.int8_quantize(k_part),
                                                            k_part.shape))
   out = str(tmp_path / "layers")
   draft_init.write_draft_layers(flat, CFG, out, storage="int8")
-  cfg, loaded = draft_init.load_draft_layers(out)
+  cfg, loaded = default_draft.load_draft_layers(out)
   assert cfg.num_layers == CFG.num_layers
   assert set(loaded) == set(flat)
   for k in flat:

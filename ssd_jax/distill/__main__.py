@@ -421,9 +421,10 @@ def mode_train():
 
 def mode_eval():
   from ssd_jax.checkpoint import load_model
-  from ssd_jax.distill import draft_init, train
+  from ssd_jax.checkpoint import default_draft
+  from ssd_jax.distill import train
   target, cfg = load_target()
-  path = FLAGS.draft or draft_init.ensure_default_draft()
+  path = FLAGS.draft or default_draft.ensure_default_draft()
   draft, dcfg = load_model(path, dtype=target.embed_tokens[...].dtype, attention_impl="xla")
   log(f"draft {path}: {dcfg.num_layers} layers")
   prompt_sets = load_prompt_sets()

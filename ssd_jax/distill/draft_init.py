@@ -21,6 +21,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from ssd_jax.config import ModelConfig
+from ssd_jax.checkpoint.default_draft import (INT8_BLOCK, LAYERS_PREFIX, SCALE_SUFFIX,
+                                              assign_params, flat_params, int8_dequantize)
 from ssd_jax.models.transformer import Transformer, fuse_flat, unfuse_flat
 
 
@@ -67,33 +69,6 @@ def check_init_compatible(target_cfg: ModelConfig, cfg: ModelConfig) -> None:
                      "depth: " + "; ".join(problems))
 
 
-def flat_params(model: nnx.Module) -> dict[str, jax.Array]:
-  """{'layers.0.self_attn.q_proj': array, ...}: the model's parameters by dotted name."""
-  state = nnx.state(model, nnx.Param)
-  return {".".join(str(k) for k in path): var[...] for path, var in nnx.to_flat_state(state)}
-
-
-def assign_params(model: nnx.Module, flat: dict[str, jax.Array], *, strict: bool = True) -> None:
-  """Sets the model's parameters in place from `flat` (names as in `flat_params`)."""
-  state = nnx.state(model, nnx.Param)
-  seen = set()
-  for path, var in nnx.to_flat_state(state):
-    name = ".".join(str(k) for k in path)
-    if name not in flat:
-      if strict:
-        raise KeyError(f"missing parameter {name}")
-      continue
-    value = jnp.asarray(flat[name])
-    if value.shape != var[...].shape:
-      raise ValueError(f"{name}: shape {value.shape} != model's {var[...].shape}")
-    var[...] = jnp.array(value, var[...].dtype, copy=True)
-    seen.add(name)
-  if strict:
-    extra = set(flat) - seen
-    if extra:
-      raise KeyError(f"unexpected parameters: {sorted(extra)[:5]}")
-
-
 def build_draft(cfg: ModelConfig, *, target: Transformer | None = None,
                 init_from_target: bool = False, dtype=jnp.float32, seed: int = 0,
                 attention_impl: str = "xla") -> Transformer:
@@ -120,36 +95,6 @@ def build_draft(cfg: ModelConfig, *, target: Transformer | None = None,
   return draft
 
 
-# --- the repo format of a default draft: its non-embedding weights only -------------------
-#
-# A draft with frozen embeddings shares them with its target, so the repository keeps only
-# the other weights (bf16 safetensors, in the engine's own names and shapes, except that
-# fused parameters are stored as their separate HF-named parts: k_proj and v_proj, not
-# kv_proj, so files written before the fusion still load) plus a json with the config;
-# `ensure_default_draft` joins them with the target's embedding into a full HuggingFace
-# dir in the cache on first use.
-
-DEFAULT_DRAFT_NAME = "smollm2-135m-draft"
-LAYERS_PREFIX = "draft_layers"
-
-
-def repo_drafts_dir() -> str:
-  return os.path.abspath(os.path.join(os.path.dirname(__file__), "..", "..", "drafts"))
-
-
-def cache_root() -> str:
-  return os.environ.get("SSD_JAX_CACHE") or os.path.join(os.path.expanduser("~"), ".cache",
-                                                         "ssd_jax")
-
-
-# int8 storage: each matrix, flattened, in blocks of INT8_BLOCK values with one float32
-# scale per block (max |w| / 127), the scheme GGUF calls Q8_0. Half the bytes of bf16, and
-# the draft's agreement with its target is measured on the round-tripped weights. Vectors
-# (norm weights) are few bytes and stay float32.
-INT8_BLOCK = 32
-SCALE_SUFFIX = ".int8_scale"
-
-
 def int8_quantize(w) -> tuple:
   """(int8 [n_blocks, INT8_BLOCK], float32 scales [n_blocks]) of any array, flattened."""
   import numpy as np
@@ -158,12 +103,6 @@ def int8_quantize(w) -> tuple:
   scale = np.abs(flat).max(axis=1) / 127.0
   q = np.rint(flat / np.where(scale > 0, scale, 1.0)[:, None])
   return np.clip(q, -127, 127).astype(np.int8), scale.astype(np.float32)
-
-
-def int8_dequantize(q, scale, shape) -> "np.ndarray":
-  import numpy as np
-  flat = (q.astype(np.float32) * scale[:, None]).reshape(-1)
-  return flat[:int(np.prod(shape))].reshape(shape)
 
 
 def int8_round_trip(flat: dict) -> dict:
@@ -244,80 +183,3 @@ def write_draft_layers(flat: dict, cfg: ModelConfig, out_dir: str, *, shard_mb: 
   return files
 
 
-def load_draft_layers(src_dir: str) -> tuple[ModelConfig, dict]:
-  """(config, {name: array}) from a `save_draft_layers` directory, in the model's names
-  (int8 dequantized; the stored k/v and gate/up parts stacked into the fused parameters)."""
-  import ml_dtypes
-  from safetensors.numpy import load_file
-  with open(os.path.join(src_dir, "draft.json")) as f:
-    meta = json.load(f)
-  cfg = ModelConfig.from_hf_dict(meta["config"], source=os.path.join(src_dir, "draft.json"))
-  storage = meta.get("dtype", "bfloat16")
-  raw = {}
-  for fn in meta["files"]:
-    raw.update(load_file(os.path.join(src_dir, fn)))
-  flat = {}
-  for k, v in raw.items():
-    if k.endswith(SCALE_SUFFIX):
-      continue
-    if storage == "bfloat16":
-      flat[k] = v.view(ml_dtypes.bfloat16)
-    elif v.dtype == "int8":
-      flat[k] = int8_dequantize(v, raw[k + SCALE_SUFFIX], tuple(meta["shapes"][k]))
-    else:
-      flat[k] = v
-  return cfg, fuse_flat(flat)
-
-
-def _digest(src_dir: str) -> str:
-  h = hashlib.sha256()
-  for fn in sorted(os.listdir(src_dir)):
-    if fn.endswith((".safetensors", ".json")):
-      h.update(fn.encode())
-      with open(os.path.join(src_dir, fn), "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-          h.update(chunk)
-  return h.hexdigest()[:12]
-
-
-def build_full_draft(src_dir: str, out_dir: str, *, target_path: str | None = None,
-                     dtype=jnp.bfloat16, with_tokenizer: bool = True) -> str:
-  """Joins draft layers with the target's embedding into a HuggingFace dir at out_dir."""
-  from ssd_jax.checkpoint import load_model, load_tokenizer
-  from ssd_jax.checkpoint.export import save_hf_checkpoint
-  cfg, flat = load_draft_layers(src_dir)
-  target, tcfg = load_model(target_path, dtype=jnp.float32)
-  if tcfg.vocab_size != cfg.vocab_size or tcfg.hidden_size != cfg.hidden_size:
-    raise ValueError(f"{src_dir}: draft does not fit the target (vocab/hidden "
-                     f"{cfg.vocab_size}/{cfg.hidden_size} vs {tcfg.vocab_size}/"
-                     f"{tcfg.hidden_size})")
-  flat = dict(flat)
-  flat["embed_tokens"] = target.embed_tokens[...]
-  draft = Transformer(cfg, dtype=jnp.float32, rngs=nnx.Rngs(0))
-  assign_params(draft, {k: jnp.asarray(v, jnp.float32) for k, v in flat.items()})
-  del target
-  tmp = out_dir + f".tmp{os.getpid()}"
-  if os.path.isdir(tmp):
-    shutil.rmtree(tmp)
-  tok = load_tokenizer(target_path) if with_tokenizer else None
-  save_hf_checkpoint(draft, cfg, tmp, tokenizer=tok, dtype=dtype)
-  if os.path.isdir(out_dir):
-    shutil.rmtree(out_dir)
-  os.replace(tmp, out_dir)
-  return out_dir
-
-
-def ensure_default_draft(name: str = DEFAULT_DRAFT_NAME) -> str:
-  """The default draft of the embedded target as a HuggingFace dir (built once, cached).
-
-  The dir lives under $SSD_JAX_CACHE (default ~/.cache/ssd_jax)/drafts/, keyed by a hash of
-  the repo's draft files, so an updated draft is rebuilt and later calls are instant.
-  """
-  src = os.path.join(repo_drafts_dir(), name)
-  if not os.path.isfile(os.path.join(src, "draft.json")):
-    raise FileNotFoundError(f"no default draft at {src}")
-  out = os.path.join(cache_root(), "drafts", f"{name}-{_digest(src)}")
-  if os.path.isfile(os.path.join(out, "config.json")):
-    return out
-  os.makedirs(os.path.dirname(out), exist_ok=True)
-  return build_full_draft(src, out)

@@ -11,14 +11,14 @@ import collections
 
 import numpy as np
 
-from ssd_jax.engine.block_manager import BlockManager, OutOfPagesError
-from ssd_jax.engine.decoder import Wave
+from ssd_jax.engine.pages import PagePool, OutOfPagesError
+from ssd_jax.engine.loop import Wave
 from ssd_jax.engine.runner import bucket
 from ssd_jax.engine.sequence import Sequence, Status
 
 
 class Scheduler:
-  def __init__(self, blocks: BlockManager, max_batch_size: int, slack_tokens: int):
+  def __init__(self, blocks: PagePool, max_batch_size: int, slack_tokens: int):
     self.blocks = blocks
     self.max_batch_size = max_batch_size
     self.slack_tokens = slack_tokens  # positions written past the last kept token (K+1)

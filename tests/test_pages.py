@@ -1,10 +1,10 @@
 import pytest
 
-from ssd_jax.engine.block_manager import BlockManager, OutOfPagesError
+from ssd_jax.engine.pages import PagePool, OutOfPagesError
 
 
 def test_allocate_and_free_returns_pages():
-  bm = BlockManager(num_pages=8, page_size=4)
+  bm = PagePool(num_pages=8, page_size=4)
   pages, cached = bm.allocate([1, 2, 3], total_tokens=10)
   assert len(pages) == 3 and cached == 0 and len(set(pages)) == 3
   assert bm.num_free == 5
@@ -13,7 +13,7 @@ def test_allocate_and_free_returns_pages():
 
 
 def test_prefix_hit_shares_full_pages_and_recomputes_last_token():
-  bm = BlockManager(num_pages=16, page_size=4)
+  bm = PagePool(num_pages=16, page_size=4)
   prompt = list(range(10))  # pages [0-3], [4-7] full; the last token is never shared
   a, cached_a = bm.allocate(prompt, total_tokens=14)
   b, cached_b = bm.allocate(prompt + [99], total_tokens=15)
@@ -25,7 +25,7 @@ def test_prefix_hit_shares_full_pages_and_recomputes_last_token():
 
 
 def test_cached_pages_survive_free_and_are_evicted_when_needed():
-  bm = BlockManager(num_pages=4, page_size=4)
+  bm = PagePool(num_pages=4, page_size=4)
   a, _ = bm.allocate(list(range(9)), total_tokens=9)      # 3 pages, 2 cacheable
   bm.free(a)
   again, cached = bm.allocate(list(range(9)), total_tokens=9)
@@ -39,7 +39,7 @@ def test_cached_pages_survive_free_and_are_evicted_when_needed():
 
 
 def test_exhaustion_is_reported_clearly():
-  bm = BlockManager(num_pages=4, page_size=4)
+  bm = PagePool(num_pages=4, page_size=4)
   with pytest.raises(OutOfPagesError, match="needs 5 KV pages .* cache has 4"):
     bm.allocate([1], total_tokens=20)
   held, _ = bm.allocate([1], total_tokens=16)
@@ -51,7 +51,7 @@ def test_exhaustion_is_reported_clearly():
 
 
 def test_double_free_is_an_error():
-  bm = BlockManager(num_pages=2, page_size=4)
+  bm = PagePool(num_pages=2, page_size=4)
   pages, _ = bm.allocate([1], 4)
   bm.free(pages)
   with pytest.raises(RuntimeError, match="freed twice"):
@@ -59,7 +59,7 @@ def test_double_free_is_an_error():
 
 
 def test_drop_cached_forgets_prefixes():
-  bm = BlockManager(num_pages=8, page_size=4)
+  bm = PagePool(num_pages=8, page_size=4)
   a, _ = bm.allocate(list(range(9)), total_tokens=9)
   bm.free(a)
   bm.drop_cached()

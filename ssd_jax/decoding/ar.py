@@ -6,31 +6,13 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ssd_jax.engine.decoder import DecodeState, Decoder, Wave, WaveConstants, apply_stops
+from ssd_jax.engine.loop import (DecodeState, DecodingMethod, Wave, WaveConstants, apply_stops,
+                                 first_token_state, next_tokens)
 from ssd_jax.engine.runner import ModelRunner, slot_mapping
-from ssd_jax.engine.sampling import sample_tokens
 from ssd_jax.models.transformer import AttentionInputs
 
 
-def next_tokens(logits, consts: WaveConstants, key, greedy: bool):
-  """Sample from the target distribution; an all-greedy wave skips the sort (argmax)."""
-  if greedy:
-    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
-  return sample_tokens(logits, consts.sampling, key)
-
-
-def first_token_state(logits, consts: WaveConstants, prompt_len, key, greedy: bool = False):
-  """Sample each sequence's first token from its prefill logits; build the decode state."""
-  key, sub = jax.random.split(key)
-  token = next_tokens(logits, consts, sub, greedy)
-  done0 = jnp.zeros(token.shape, bool)
-  count, done, generated = apply_stops(token[:, None], jnp.ones_like(token), done0,
-                                       jnp.zeros_like(token), consts)
-  state = DecodeState(token=token, pos=prompt_len, done=done, generated=generated, key=key)
-  return state, token[:, None], count
-
-
-class ARDecoder(Decoder):
+class ARMethod(DecodingMethod):
   def __init__(self, target: ModelRunner, tokenizer_decode, eos_ids):
     super().__init__(tokenizer_decode, eos_ids)
     self.target = target

@@ -54,13 +54,13 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from ssd_jax.engine.decoder import DecodeState, Wave
+from ssd_jax.engine.loop import DecodeState, Wave
 from ssd_jax.engine.runner import COMMAND_BUFFER_MODES, ModelRunner, slot_mapping
 from ssd_jax.models.transformer import AttentionInputs, init_tree_scratch
 from ssd_jax.sharding.rules import TREE_SCRATCH_AXES, sharding_for
-from ssd_jax.spec import fanout as fo
-from ssd_jax.spec.draft import draft_decode, draw
-from ssd_jax.spec.sd import SpeculativeDecoder, verify_speculation
+from ssd_jax.decoding import fanout as fo
+from ssd_jax.decoding.draft import draft_decode, draw
+from ssd_jax.decoding.speculative import SpeculativeMethod, verify_speculation
 
 FALLBACKS = ("jit", "fast")
 
@@ -111,7 +111,7 @@ class SpeculationCache:
   q: jax.Array | None    # [B, M, K, V] the distributions they were drawn from (sampling)
 
 
-class SSDDecoder(SpeculativeDecoder):
+class SSDMethod(SpeculativeMethod):
   def __init__(self, target: ModelRunner, draft: ModelRunner, opts: SSDOptions,
                tokenizer_decode, eos_ids):
     super().__init__(target, draft, opts.draft_temperature, tokenizer_decode, eos_ids)

@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ssd_jax.engine.sampling import SamplingArrays
+from ssd_jax.engine.sampling import SamplingArrays, sample_tokens
 from ssd_jax.engine.sequence import Sequence, Status
 
 
@@ -95,6 +95,24 @@ def apply_stops(emitted, count, state_done, generated, consts: WaveConstants):
   return count, done, generated
 
 
+def next_tokens(logits, consts: WaveConstants, key, greedy: bool):
+  """Sample from the target distribution; an all-greedy wave skips the sort (argmax)."""
+  if greedy:
+    return jnp.argmax(logits, axis=-1).astype(jnp.int32)
+  return sample_tokens(logits, consts.sampling, key)
+
+
+def first_token_state(logits, consts: WaveConstants, prompt_len, key, greedy: bool = False):
+  """Sample each sequence's first token from its prefill logits; build the decode state."""
+  key, sub = jax.random.split(key)
+  token = next_tokens(logits, consts, sub, greedy)
+  done0 = jnp.zeros(token.shape, bool)
+  count, done, generated = apply_stops(token[:, None], jnp.ones_like(token), done0,
+                                       jnp.zeros_like(token), consts)
+  state = DecodeState(token=token, pos=prompt_len, done=done, generated=generated, key=key)
+  return state, token[:, None], count
+
+
 @dataclasses.dataclass
 class WaveStats:
   rounds: int = 0
@@ -102,7 +120,7 @@ class WaveStats:
   prefill_s: float = 0.0
 
 
-class Decoder:
+class DecodingMethod:
   """Base class: subclasses implement start() and round()."""
 
   lag = 2  # rounds the host reads behind the newest dispatched round

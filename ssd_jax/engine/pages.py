@@ -25,7 +25,7 @@ def _chain_hash(prev: bytes, tokens) -> bytes:
   return h.digest()
 
 
-class BlockManager:
+class PagePool:
   def __init__(self, num_pages: int, page_size: int):
     if num_pages < 1 or page_size < 1:
       raise ValueError(f"need num_pages >= 1 and page_size >= 1, got {num_pages}, {page_size}")

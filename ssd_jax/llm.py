@@ -1,7 +1,7 @@
 """The user-facing engine: `LLM(...).generate(prompts, SamplingParams(...))`.
 
 Reads like the pipeline it is: requests become `Sequence`s, the `Scheduler` admits them in
-waves with their KV pages, a `Decoder` (AR, SD or SSD) runs each wave on the model
+waves with their KV pages, a `DecodingMethod` (AR, SD or SSD) runs each wave on the model
 runners, and outputs come back as `RequestOutput`s with per-request metrics.
 """
 
@@ -18,9 +18,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from ssd_jax.engine.ar import ARDecoder
-from ssd_jax.engine.block_manager import BlockManager
-from ssd_jax.engine.decoder import Decoder
+from ssd_jax.decoding.ar import ARMethod
+from ssd_jax.engine.pages import PagePool
+from ssd_jax.engine.loop import DecodingMethod
 from ssd_jax.engine.runner import ModelRunner, compiler_options_for
 from ssd_jax.engine.sampling import SamplingParams
 from ssd_jax.engine.scheduler import Scheduler
@@ -96,7 +96,7 @@ class LLM:
     num_pages = num_pages or max_batch_size * pages_per_seq + pages_per_seq
     self.target = ModelRunner(self.target_model, self.target_mesh, num_pages=num_pages,
                               page_size=page_size, name="target", compiler_options=copts)
-    self.blocks = BlockManager(num_pages, page_size)
+    self.blocks = PagePool(num_pages, page_size)
     slack = k + 1 if method != "ar" else 0
     self.scheduler = Scheduler(self.blocks, max_batch_size, slack)
     eos = self.cfg.eos_token_ids or ((self.tokenizer.eos_token_id,)
@@ -106,12 +106,12 @@ class LLM:
     decode = self._decode_text
 
     if method == "ar":
-      self.decoder: Decoder = ARDecoder(self.target, decode, self.eos_ids)
+      self.decoding: DecodingMethod = ARMethod(self.target, decode, self.eos_ids)
       self.draft = None
       return
     if draft is None and model is None:
-      from ssd_jax.distill import ensure_default_draft  # built once from drafts/ + target
-      draft = ensure_default_draft()
+      from ssd_jax.checkpoint.default_draft import ensure_default_draft
+      draft = ensure_default_draft()  # joined once from package data + the target
     elif draft is None:
       raise ValueError(f"--method {method} needs --draft (a draft model sharing the "
                        "target's tokenizer), or no --model to use the embedded pair")
@@ -122,18 +122,18 @@ class LLM:
                        f"target's {self.cfg.vocab_size}: the draft must share the tokenizer")
     self.draft = ModelRunner(draft_model, draft_mesh, num_pages=num_pages,
                              page_size=page_size, name="draft", compiler_options=copts)
-    from ssd_jax.spec.sd import SDDecoder, SpecOptions
+    from ssd_jax.decoding.sd import SDMethod, SpecOptions
     if method == "sd":
-      self.decoder = SDDecoder(self.target, self.draft,
+      self.decoding = SDMethod(self.target, self.draft,
                                SpecOptions(k=k, draft_temperature=draft_temperature),
                                decode, self.eos_ids)
     else:
-      from ssd_jax.spec.ssd import SSDDecoder, SSDOptions
+      from ssd_jax.decoding.ssd import SSDMethod, SSDOptions
       opts = SSDOptions.build(k=k, f=f, fanout_hit=fanout_hit, fanout_miss=fanout_miss,
                               fallback=fallback or ("jit" if max_batch_size <= 4 else "fast"),
                               sampler_x=sampler_x, draft_temperature=draft_temperature)
-      self.decoder = SSDDecoder(self.target, self.draft, opts, decode, self.eos_ids)
-    self.decoder.profile = profile
+      self.decoding = SSDMethod(self.target, self.draft, opts, decode, self.eos_ids)
+    self.decoding.profile = profile
 
   # -- loading ----------------------------------------------------------------------------
   def _load(self, source, mesh, impl, tokenizer, role):
@@ -206,10 +206,10 @@ class LLM:
       seqs.append(seq)
     total_new = sum(p.max_new_tokens for p in plist)
     bar = _Progress(total_new) if progress else None
-    compiles0 = self.decoder.num_compilations()
+    compiles0 = self.decoding.num_compilations()
     totals = {"rounds": 0, "decode_s": 0.0, "prefill_s": 0.0, "waves": 0}
-    self.decoder.round_times = []
-    self.decoder.phase_times = collections.defaultdict(list)
+    self.decoding.round_times = []
+    self.decoding.phase_times = collections.defaultdict(list)
     done_before = 0
     t0 = time.perf_counter()
     while (wave := self.scheduler.next_wave()) is not None:
@@ -217,7 +217,7 @@ class LLM:
         if bar:
           bar.update(base + n)
       try:
-        stats = self.decoder.run_wave(wave, on_progress)
+        stats = self.decoding.run_wave(wave, on_progress)
       finally:
         self.scheduler.finish_wave(wave)
       done_before += sum(len(s.output_token_ids) for s in wave.seqs)
@@ -245,13 +245,13 @@ class LLM:
         "round_ms": 1e3 * totals["decode_s"] / max(totals["rounds"], 1),
         "mean_accepted": (sum(s.num_accepted for s in seqs) / rounds) if rounds else None,
         "cache_hit_rate": (sum(s.num_hits for s in seqs) / lookups) if lookups else None,
-        "compilations": self.decoder.num_compilations() - compiles0,
-        "total_compilations": self.decoder.num_compilations(),
+        "compilations": self.decoding.num_compilations() - compiles0,
+        "total_compilations": self.decoding.num_compilations(),
     }
     if self.method == "ar":
       self.last_metrics["mean_accepted"] = None
-    if self.decoder.round_times or self.decoder.phase_times:
-      self.last_metrics.update(self.decoder.profile_summary())
+    if self.decoding.round_times or self.decoding.phase_times:
+      self.last_metrics.update(self.decoding.profile_summary())
     return outs
 
   def _output(self, s: Sequence) -> RequestOutput:
