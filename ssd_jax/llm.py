@@ -7,7 +7,6 @@ runners, and outputs come back as `RequestOutput`s with per-request metrics.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
 import sys
@@ -21,6 +20,7 @@ import numpy as np
 from ssd_jax.decoding.ar import ARMethod
 from ssd_jax.engine.pages import PagePool
 from ssd_jax.engine.loop import DecodingMethod
+from ssd_jax.engine.observe import RoundObserver
 from ssd_jax.engine.runner import ModelRunner, compiler_options_for
 from ssd_jax.engine.sampling import SamplingParams
 from ssd_jax.engine.scheduler import Scheduler
@@ -80,7 +80,8 @@ class LLM:
     self.method = method
     self.dtype = DTYPES[dtype]
     self.k = k
-    self.profile = profile
+    self.profile = profile  # time every round (engine/observe.py)
+    self.trace_host = False  # time every host dispatch of a round (engine/observe.py)
     self.max_model_len = max_model_len
     impl = resolve_impl(attention_impl)
     spec = MeshSpec.parse(mesh) if isinstance(mesh, str) else mesh
@@ -133,7 +134,6 @@ class LLM:
                               fallback=fallback or ("jit" if max_batch_size <= 4 else "fast"),
                               sampler_x=sampler_x, draft_temperature=draft_temperature)
       self.decoding = SSDMethod(self.target, self.draft, opts, decode, self.eos_ids)
-    self.decoding.profile = profile
 
   # -- loading ----------------------------------------------------------------------------
   def _load(self, source, mesh, impl, tokenizer, role):
@@ -208,8 +208,7 @@ class LLM:
     bar = _Progress(total_new) if progress else None
     compiles0 = self.decoding.num_compilations()
     totals = {"rounds": 0, "decode_s": 0.0, "prefill_s": 0.0, "waves": 0}
-    self.decoding.round_times = []
-    self.decoding.phase_times = collections.defaultdict(list)
+    obs = RoundObserver(profile=self.profile, trace_host=self.trace_host)
     done_before = 0
     t0 = time.perf_counter()
     while (wave := self.scheduler.next_wave()) is not None:
@@ -217,7 +216,7 @@ class LLM:
         if bar:
           bar.update(base + n)
       try:
-        stats = self.decoding.run_wave(wave, on_progress)
+        stats = self.decoding.run_wave(wave, on_progress, obs)
       finally:
         self.scheduler.finish_wave(wave)
       done_before += sum(len(s.output_token_ids) for s in wave.seqs)
@@ -250,8 +249,7 @@ class LLM:
     }
     if self.method == "ar":
       self.last_metrics["mean_accepted"] = None
-    if self.decoding.round_times or self.decoding.phase_times:
-      self.last_metrics.update(self.decoding.profile_summary())
+    self.last_metrics.update(obs.summary())
     return outs
 
   def _output(self, s: Sequence) -> RequestOutput:

@@ -129,20 +129,20 @@ def test_no_recompilation_after_warmup():
   llm.generate(other, SamplingParams(max_new_tokens=12, ignore_eos=True))
   assert llm.last_metrics["compilations"] == 0
   # Profile mode times every round and splits them by cache hit / miss, same programs.
-  llm.decoding.profile = True
+  llm.profile = True
   llm.reset_prefix_cache()
   llm.generate(other, SamplingParams(max_new_tokens=12, ignore_eos=True))
   m = llm.last_metrics
   assert m["compilations"] == 0 and m["profiled_round_ms"] > 0
   assert "hit_round_ms" in m or "miss_round_ms" in m
   # Host tracing times each dispatch of a round; it adds no program and no sync.
-  llm.decoding.profile, llm.decoding.trace_host = False, True
+  llm.profile, llm.trace_host = False, True
   llm.reset_prefix_cache()
   outs = llm.generate(other, SamplingParams(max_new_tokens=12, ignore_eos=True))
   m = llm.last_metrics
   assert m["compilations"] == 0 and "profiled_round_ms" not in m
   assert {"host_lookup_ms", "host_verify_ms", "host_build_ms", "host_drain_ms"} <= set(m)
-  llm.decoding.trace_host = False
+  llm.trace_host = False
 
 
 def test_command_buffer_modes_are_compile_options():

@@ -2,14 +2,26 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from ssd_jax.engine.loop import (DecodeState, DecodingMethod, Wave, WaveConstants, apply_stops,
                                  first_token_state, next_tokens)
-from ssd_jax.engine.runner import ModelRunner, slot_mapping
-from ssd_jax.models.transformer import AttentionInputs
+from ssd_jax.engine.observe import RoundObserver
+from ssd_jax.engine.runner import ModelRunner, paged_step
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class ARWave:
+  """What an AR wave's steps read: the decode state (replaced every step) and the wave's
+  constants; `greedy` (every request at temperature 0) selects the argmax-only program."""
+  decode: DecodeState
+  consts: WaveConstants
+  greedy: bool = dataclasses.field(metadata=dict(static=True))
 
 
 class ARMethod(DecodingMethod):
@@ -27,27 +39,24 @@ class ARMethod(DecodingMethod):
     logits = self.target.prefill([s.prompt_token_ids[s.num_cached_tokens:] for s in seqs],
                                  [s.num_cached_tokens for s in seqs], wave.page_table,
                                  wave.batch)
-    self.consts = self.target.put(wave.constants(self.eos_ids))
+    consts = self.target.put(wave.constants(self.eos_ids))
     prompt_len = np.zeros((wave.batch,), np.int32)
     prompt_len[:len(seqs)] = [s.prompt_len for s in seqs]
     key = jax.random.key(seqs[0].params.seed)
-    self.greedy = wave.all_greedy
-    return self._first(logits, self.consts, *self.target.put((prompt_len, key)),
-                       greedy=self.greedy)
+    greedy = wave.all_greedy
+    decode, first, count = self._first(logits, consts, *self.target.put((prompt_len, key)),
+                                       greedy=greedy)
+    return ARWave(decode=decode, consts=consts, greedy=greedy), first, count
 
-  def round(self, state):
-    self.target.kv, state, emitted, count = self._step(self.target.params, self.target.kv,
-                                                       state, self.consts,
-                                                       greedy=self.greedy)
-    return state, emitted, count, {}
+  def round(self, state: ARWave, obs: RoundObserver):
+    decode, emitted, count = self.target.run(self._step, state.decode, state.consts,
+                                             greedy=state.greedy)
+    return dataclasses.replace(state, decode=decode), emitted, count, {}
 
   def _step_fn(self, params, kv, state: DecodeState, consts: WaveConstants, greedy: bool):
     tokens, positions = state.token[:, None], state.pos[:, None]
-    live = ~state.done[:, None]
-    attn = AttentionInputs(
-        page_table=consts.page_table,
-        slot_mapping=slot_mapping(consts.page_table, positions, live, self.target.page_size),
-        kv_limit=jnp.where(live, positions + 1, 0))
+    attn = paged_step(consts.page_table, positions, ~state.done[:, None],
+                      self.target.page_size)
     logits, kv, _ = self.target.forward(params, kv, tokens, positions, attn)
     key, sub = jax.random.split(state.key)
     nxt = next_tokens(logits[:, 0], consts, sub, greedy)

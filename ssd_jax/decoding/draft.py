@@ -9,9 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from ssd_jax.engine.runner import slot_mapping
+from ssd_jax.engine.runner import paged_step
 from ssd_jax.engine.sampling import sample_from
-from ssd_jax.models.transformer import AttentionInputs
 
 
 def draft_probs(logits, temperature, sampler_x=None, top_f=0, max_f: int = 0):
@@ -65,9 +64,7 @@ def draft_decode(runner, params, kv, tokens0, pos0, live, page_table, *, k: int,
   top_fs = jnp.asarray(fs, jnp.int32)
 
   def step(kv, tok, pos, key, top_f):
-    attn = AttentionInputs(page_table=page_table,
-                           slot_mapping=slot_mapping(page_table, pos, live[:, None], ps),
-                           kv_limit=jnp.where(live[:, None], pos + 1, 0))
+    attn = paged_step(page_table, pos, live[:, None], ps)
     logits, kv, _ = runner.forward(params, kv, tok, pos, attn)
     nxt, q = draw(logits[:, -1], temperature, key, want_q, sampler_x, top_f, max_f)
     return kv, nxt, q

@@ -7,6 +7,7 @@ loop) and `verify` on the target's mesh. Their inputs move between meshes with
 
 from __future__ import annotations
 
+import dataclasses
 import time
 
 import jax
@@ -14,9 +15,19 @@ import jax.numpy as jnp
 import numpy as np
 
 from ssd_jax.decoding.draft import draft_decode
-from ssd_jax.decoding.speculative import SpecOptions, SpeculativeMethod, verify_speculation
-from ssd_jax.engine.loop import DecodeState, Wave
+from ssd_jax.decoding.speculative import (SpecOptions, SpeculativeMethod, SpeculativeWave,
+                                          verify_speculation)
+from ssd_jax.engine.loop import Wave
+from ssd_jax.engine.observe import RoundObserver
 from ssd_jax.engine.runner import ModelRunner
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SDWave(SpeculativeWave):
+  """SpeculativeWave plus the token before `decode.token` (target mesh): SD's drafting
+  rewrites its draft KV, since the draft never saw the previous round's recovery token."""
+  prev: jax.Array = None
 
 
 class SDMethod(SpeculativeMethod):
@@ -30,29 +41,29 @@ class SDMethod(SpeculativeMethod):
                               static_argnames=("greedy",))
 
   def start(self, wave: Wave):
-    first = self._start_wave(wave)
+    fields, first, count = self._start_wave(wave)
     last = np.zeros((wave.batch,), np.int32)
     last[:len(wave.seqs)] = [s.prompt_token_ids[-1] for s in wave.seqs]
-    self.prev = self.target.put(last)  # the token before `state.token`: its KV is rewritten
-    return first
+    return SDWave(**fields, prev=self.target.put(last)), first, count
 
-  def round(self, state: DecodeState):
+  def round(self, state: SDWave, obs: RoundObserver):
     t0 = time.perf_counter()
-    token, prev, pos, done = self.draft.put((state.token, self.prev, state.pos, state.done))
-    self.draft.kv, drafted, q, self.draft_key = self._propose(
-        self.draft.params, self.draft.kv, token, prev, pos, done, self.draft_page_table,
-        self.draft_temp, self.draft_key, want_q=not self.greedy)
-    if self.profile:  # split the round: drafting, then transfer + verification
+    d = state.decode
+    token, prev, pos, done = self.draft.put((d.token, state.prev, d.pos, d.done))
+    drafted, q, draft_key = self.draft.run(
+        self._propose, token, prev, pos, done, state.draft_page_table, state.draft_temp,
+        state.draft_key, want_q=not state.greedy)
+    if obs.profile:  # split the round: drafting, then transfer + verification
       jax.block_until_ready(drafted)
       t1 = time.perf_counter()
     drafted_t, q_t = self.target.put((drafted, q))
-    self.target.kv, state, self.prev, emitted, count, accepted = self._verify(
-        self.target.params, self.target.kv, state, self.prev, drafted_t, q_t, self.consts,
-        greedy=self.greedy)
-    if self.profile:
-      jax.block_until_ready(state)
-      self.phase_times["propose"].append(t1 - t0)
-      self.phase_times["verify"].append(time.perf_counter() - t1)
+    decode, prev, emitted, count, accepted = self.target.run(
+        self._verify, d, state.prev, drafted_t, q_t, state.consts, greedy=state.greedy)
+    if obs.profile:
+      jax.block_until_ready(decode)
+      obs.phase("propose", t1 - t0)
+      obs.phase("verify", time.perf_counter() - t1)
+    state = dataclasses.replace(state, decode=decode, prev=prev, draft_key=draft_key)
     return state, emitted, count, {"accepted": accepted}
 
   def _propose_fn(self, params, kv, token, prev, pos, done, page_table, temperature, key,

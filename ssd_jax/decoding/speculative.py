@@ -11,9 +11,8 @@ import numpy as np
 
 from ssd_jax.engine.loop import DecodeState, DecodingMethod, Wave, WaveConstants, apply_stops
 from ssd_jax.engine.loop import first_token_state
-from ssd_jax.engine.runner import ModelRunner, slot_mapping
+from ssd_jax.engine.runner import ModelRunner, paged_step
 from ssd_jax.engine.sampling import target_probs
-from ssd_jax.models.transformer import AttentionInputs
 from ssd_jax.decoding.verify import commit_tokens, greedy_verify, rejection_verify
 
 
@@ -33,10 +32,7 @@ def verify_speculation(target: ModelRunner, params, kv, state: DecodeState, draf
   live = ~state.done
   tokens = jnp.concatenate([state.token[:, None], draft_tokens], axis=1)
   positions = state.pos[:, None] + jnp.arange(k + 1, dtype=jnp.int32)[None, :]
-  attn = AttentionInputs(
-      page_table=consts.page_table,
-      slot_mapping=slot_mapping(consts.page_table, positions, live[:, None], target.page_size),
-      kv_limit=jnp.where(live[:, None], positions + 1, 0))
+  attn = paged_step(consts.page_table, positions, live[:, None], target.page_size)
   logits, kv, _ = target.forward(params, kv, tokens, positions, attn)
   key, sub = jax.random.split(state.key)
   if greedy:
@@ -52,6 +48,20 @@ def verify_speculation(target: ModelRunner, params, kv, state: DecodeState, draf
                     pos=jnp.where(live, state.pos + accepted + 1, state.pos),
                     done=done, generated=generated, key=key)
   return kv, new, emitted, count, jnp.where(live, accepted, 0), recovery
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass
+class SpeculativeWave:
+  """What SD's and SSD's rounds read for one wave: the target's decode state and constants
+  (target mesh), the page table, draft temperatures and draft PRNG key (draft mesh);
+  `greedy` (every request at temperature 0) selects the programs without distributions."""
+  decode: DecodeState
+  consts: WaveConstants
+  draft_page_table: jax.Array
+  draft_temp: jax.Array
+  draft_key: jax.Array
+  greedy: bool = dataclasses.field(metadata=dict(static=True))
 
 
 def draft_temperatures(wave: Wave, override: float | None) -> np.ndarray:
@@ -76,19 +86,23 @@ class SpeculativeMethod(DecodingMethod):
     return self.target.num_compilations() + self.draft.num_compilations()
 
   def _start_wave(self, wave: Wave):
-    """Prefill both models; returns (state, first tokens, count) on the target's mesh."""
+    """Prefill both models; returns (the fields of SpeculativeWave, first tokens, count),
+    the first tokens on the target's mesh."""
     seqs = wave.seqs
     rows = [s.prompt_token_ids[s.num_cached_tokens:] for s in seqs]
     starts = [s.num_cached_tokens for s in seqs]
     logits = self.target.prefill(rows, starts, wave.page_table, wave.batch)
     self.draft.prefill(rows, starts, wave.page_table, wave.batch)
-    self.greedy = wave.all_greedy
-    self.consts = self.target.put(wave.constants(self.eos_ids))
-    self.draft_page_table = self.draft.put(wave.page_table)
-    self.draft_temp = self.draft.put(draft_temperatures(wave, self.draft_temperature))
-    self.draft_key = self.draft.put(jax.random.key(seqs[0].params.seed + 1))
+    greedy = wave.all_greedy
+    consts = self.target.put(wave.constants(self.eos_ids))
     prompt_len = np.zeros((wave.batch,), np.int32)
     prompt_len[:len(seqs)] = [s.prompt_len for s in seqs]
     key = jax.random.key(seqs[0].params.seed)
-    return self._first(logits, self.consts, *self.target.put((prompt_len, key)),
-                       greedy=self.greedy)
+    decode, first, count = self._first(logits, consts, *self.target.put((prompt_len, key)),
+                                       greedy=greedy)
+    fields = dict(decode=decode, consts=consts,
+                  draft_page_table=self.draft.put(wave.page_table),
+                  draft_temp=self.draft.put(draft_temperatures(wave, self.draft_temperature)),
+                  draft_key=self.draft.put(jax.random.key(seqs[0].params.seed + 1)),
+                  greedy=greedy)
+    return fields, first, count

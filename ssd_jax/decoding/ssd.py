@@ -54,13 +54,14 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 
-from ssd_jax.engine.loop import DecodeState, Wave
-from ssd_jax.engine.runner import COMMAND_BUFFER_MODES, ModelRunner, slot_mapping
+from ssd_jax.engine.loop import Wave
+from ssd_jax.engine.observe import RoundObserver
+from ssd_jax.engine.runner import COMMAND_BUFFER_MODES, ModelRunner, paged_step
 from ssd_jax.models.transformer import AttentionInputs, init_tree_scratch
 from ssd_jax.sharding.rules import TREE_SCRATCH_AXES, sharding_for
 from ssd_jax.decoding import fanout as fo
 from ssd_jax.decoding.draft import draft_decode, draw
-from ssd_jax.decoding.speculative import SpeculativeMethod, verify_speculation
+from ssd_jax.decoding.speculative import SpeculativeMethod, SpeculativeWave, verify_speculation
 
 FALLBACKS = ("jit", "fast")
 
@@ -137,21 +138,28 @@ class SSDMethod(SpeculativeMethod):
     self._draft_error = None
 
   # -- host side --------------------------------------------------------------------------
+  # The wave's arrays are the SpeculativeWave the caller threads through `round`. The
+  # draft's pipeline (its DraftState, the cache the next lookup answers from, the future of
+  # the next speculation and the job computing it) belongs to the draft thread and lives
+  # here, between one round's job and the next.
   def start(self, wave: Wave):
     self.finish()  # the draft thread may still be dispatching the last wave's final job
     self._draft_error = None
-    state, first, count = self._start_wave(wave)
-    self.want_q = not self.greedy
+    fields, first, count = self._start_wave(wave)
+    state = SpeculativeWave(**fields)
+    want_q = not state.greedy
     # The first speculation has no cache to come from: draft it directly (a "miss").
-    token, pos, done = self.draft.put((state.token, state.pos, state.done))
-    self.draft.kv, self.dstate, q = self._first_spec(
-        self.draft.params, self.draft.kv, token, pos, ~done, self.draft_page_table,
-        self.draft_temp, self.draft_key, want_q=self.want_q)
+    d = state.decode
+    token, pos, done = self.draft.put((d.token, d.pos, d.done))
+    self.dstate, q = self.draft.run(self._first_spec, token, pos, ~done,
+                                    state.draft_page_table, state.draft_temp,
+                                    state.draft_key, want_q=want_q)
     # _spec: the next speculation on the target's mesh, and the lookup's hit flags.
     self._spec = concurrent.futures.Future()
     self._spec.set_result((self.target.put((self.dstate.spec, q)), {}))
     self._cache = None  # (cache, live) the next lookup answers from
-    self._job = self._draft_thread.submit(self._draft_side, None, None)
+    self._job = self._draft_thread.submit(self._draft_side, state, None, None,
+                                          RoundObserver())
     return state, first, count
 
   def finish(self):
@@ -165,7 +173,7 @@ class SSDMethod(SpeculativeMethod):
       self._job.result()
     return (self._cache, self.dstate)
 
-  def round(self, state: DecodeState):
+  def round(self, state: SpeculativeWave, obs: RoundObserver):
     # The two threads' order is explained in the module docstring.
     try:
       (spec, q), info = self._spec.result()
@@ -174,38 +182,38 @@ class SSDMethod(SpeculativeMethod):
       self._job = None  # its error is raised here, once
       raise
     info = dict(info)
-    with self.host("verify"):
-      self.target.kv, state, emitted, count, accepted, outcome = self._verify(
-          self.target.params, self.target.kv, state, spec, q, self.consts,
-          greedy=not self.want_q)
+    with obs.host("verify"):
+      decode, emitted, count, accepted, outcome = self.target.run(
+          self._verify, state.decode, spec, q, state.consts, greedy=state.greedy)
     # One small device-to-device copy that waits on the device for the verification.
-    with self.host("put_outcome"):
+    with obs.host("put_outcome"):
       outcome = self.draft.put(outcome)
     self._spec = concurrent.futures.Future()
-    self._job = self._draft_thread.submit(self._draft_side, outcome, self._spec)
+    self._job = self._draft_thread.submit(self._draft_side, state, outcome, self._spec, obs)
     info["accepted"] = accepted
-    return state, emitted, count, info
+    return dataclasses.replace(state, decode=decode), emitted, count, info
 
-  def _draft_side(self, outcome, spec_out: concurrent.futures.Future | None):
+  def _draft_side(self, state: SpeculativeWave, outcome,
+                  spec_out: concurrent.futures.Future | None, obs: RoundObserver):
     """The draft's job for one round, on the draft thread: answer `outcome` (None for the
     first round, whose speculation `start` drafted) into `spec_out`, then build the cache
     for that answer while the target verifies it."""
+    want_q = not state.greedy
     try:
       if self._draft_error is not None:  # an earlier job failed: this one cannot run
         raise self._draft_error
       if outcome is not None:
         cache, looked_up = self._cache
-        with self.host("lookup"):
-          self.draft.kv, self.dstate, spec_q, hit = self._lookup(
-              self.draft.params, self.draft.kv, self.dstate, cache, outcome,
-              self.draft_page_table, self.draft_temp, want_q=self.want_q)
-        with self.host("put_spec"):
+        with obs.host("lookup"):
+          self.dstate, spec_q, hit = self.draft.run(
+              self._lookup, self.dstate, cache, outcome, state.draft_page_table,
+              state.draft_temp, want_q=want_q)
+        with obs.host("put_spec"):
           spec_out.set_result((self.target.put(spec_q), {"hit": hit, "looked_up": looked_up}))
-      with self.host("build"):
-        self.draft.kv, cache = self._build(self.draft.params, self.draft.kv, self.dstate,
-                                           self.draft_page_table, self.draft_temp,
-                                           self.branch_a, self.branch_rank,
-                                           want_q=self.want_q)
+      with obs.host("build"):
+        cache = self.draft.run(self._build, self.dstate, state.draft_page_table,
+                               state.draft_temp, self.branch_a, self.branch_rank,
+                               want_q=want_q)
       self._cache = (cache, self.dstate.live)
     except BaseException as e:
       self._draft_error = e
@@ -245,9 +253,7 @@ class SSDMethod(SpeculativeMethod):
     # 1. Glue decode over [r, d1..dK]: writes the draft KV that every branch builds on.
     glue = jnp.concatenate([ds.token[:, None], ds.spec], axis=1)
     positions = ds.pos[:, None] + jnp.arange(k + 1, dtype=jnp.int32)[None, :]
-    attn = AttentionInputs(page_table=page_table,
-                           slot_mapping=slot_mapping(page_table, positions, live[:, None], ps),
-                           kv_limit=jnp.where(live[:, None], positions + 1, 0))
+    attn = paged_step(page_table, positions, live[:, None], ps)
     glue_logits, kv, _ = self.draft.forward(params, kv, glue, positions, attn)
     # 2. Fan-out: per sequence, the list after a hit or after a miss.
     which = jnp.where(ds.last_hit, 0, 1)

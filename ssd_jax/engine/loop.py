@@ -1,24 +1,21 @@
 """What every decoding method shares: the wave of sequences, the device-resident decode
 state, stop rules applied on device, and the host loop that reads results with a lag.
 
-A decoder (AR, SD, SSD) implements two things: `start(wave)`, which prefills and returns
-the device state holding each sequence's first generated token, and `round(state)`, which
-dispatches one step/round and returns the new state plus the tokens it emitted. The host
-loop here never waits on the round it just dispatched: it reads the tokens of a round
-`lag` rounds back, so the devices always have queued work. The copies of those tokens to
-the host are started as soon as a round is dispatched (`copy_to_host_async`), so the
-lagged read finds them already there instead of running a device-to-host transfer (and
-its synchronisation) between two dispatches.
-
-`trace_host` records how long the host spends in each dispatch of a round (no device
-synchronisation is added): a dispatch that takes as long as the device work before it
-is a host stall (e.g. a `lax.cond` on GPU, whose predicate XLA copies to the host).
+A decoding method (AR, SD, SSD) implements two things: `start(wave)`, which prefills and
+returns the wave's state (a pytree: the device-resident decode state holding each
+sequence's first generated token, and whatever else the method's rounds need), and
+`round(state, obs)`, which dispatches one step/round and returns the new state plus the
+tokens it emitted. The host loop here never waits on the round it just dispatched: it
+reads the tokens of a round `lag` rounds back, so the devices always have queued work.
+The copies of those tokens to the host are started as soon as a round is dispatched
+(`copy_to_host_async`), so the lagged read finds them already there instead of running a
+device-to-host transfer (and its synchronisation) between two dispatches. Timing is the
+optional observer's (engine/observe.py), not the methods'.
 """
 
 from __future__ import annotations
 
 import collections
-import contextlib
 import dataclasses
 import time
 
@@ -26,6 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ssd_jax.engine.observe import RoundObserver
 from ssd_jax.engine.sampling import SamplingArrays, sample_tokens
 from ssd_jax.engine.sequence import Sequence, Status
 
@@ -121,25 +119,20 @@ class WaveStats:
 
 
 class DecodingMethod:
-  """Base class: subclasses implement start() and round()."""
+  """Base class of AR, SD and SSD: subclasses implement start() and round()."""
 
   lag = 2  # rounds the host reads behind the newest dispatched round
-  # profile=True blocks at the end of every round to time it (work *inside* a round still
-  # overlaps); off by default because it stops the host from running ahead.
-  profile = False
-  # trace_host=True times each host-side dispatch of a round (adds no synchronisation).
-  trace_host = False
 
   def __init__(self, tokenizer_decode, eos_ids: tuple[int, ...]):
     self.decode_text = tokenizer_decode
     self.eos_ids = tuple(eos_ids)
-    self.round_times: list[tuple[float, bool | None]] = []  # filled in profile mode
-    self.phase_times: dict[str, list[float]] = collections.defaultdict(list)
 
   def start(self, wave: Wave):
+    """Prefill a wave; return (wave state, first tokens [B, 1], count [B]). The wave state
+    is a pytree holding everything the method's rounds need for this wave."""
     raise NotImplementedError
 
-  def round(self, state):
+  def round(self, state, obs: RoundObserver):
     """Dispatch one round; return (state, emitted [B, N], count [B], info dict of device
     arrays for metrics, e.g. accepted/hit)."""
     raise NotImplementedError
@@ -148,7 +141,7 @@ class DecodingMethod:
     raise NotImplementedError
 
   def finish(self) -> None:
-    """Called when a wave's last round has been read: wait for host work of the decoder
+    """Called when a wave's last round has been read: wait for host work of the method
     still under way (SSD's draft thread)."""
 
   def in_flight(self):
@@ -156,36 +149,9 @@ class DecodingMethod:
     cache for the next lookup); profile mode waits for them too."""
     return ()
 
-  @contextlib.contextmanager
-  def host(self, name: str):
-    """Times the enclosed host work as phase `host_<name>` when trace_host is on."""
-    if not self.trace_host:
-      yield
-      return
-    t0 = time.perf_counter()
-    try:
-      yield
-    finally:
-      self.phase_times[f"host_{name}"].append(time.perf_counter() - t0)
-
-  def profile_summary(self) -> dict:
-    """Per-round wall times from profile mode, split by SSD cache hit / miss, and the
-    median of every recorded phase (profile mode's splits, trace_host's dispatches)."""
-    times = [t for t, _ in self.round_times]
-    out = {"profiled_round_ms": 1e3 * float(np.median(times))} if times else {}
-    hits = [t for t, h in self.round_times if h]
-    misses = [t for t, h in self.round_times if h is False]
-    if hits:
-      out["hit_round_ms"] = 1e3 * float(np.median(hits))
-    if misses:
-      out["miss_round_ms"] = 1e3 * float(np.median(misses))
-    for name, vals in getattr(self, "phase_times", {}).items():
-      if vals:
-        out[f"{name}_ms"] = 1e3 * float(np.median(vals))
-    return out
-
   # -- the host loop ---------------------------------------------------------------------
-  def run_wave(self, wave: Wave, progress=None) -> WaveStats:
+  def run_wave(self, wave: Wave, progress=None, obs: RoundObserver | None = None) -> WaveStats:
+    obs = obs or RoundObserver()
     stats = WaveStats()
     t0 = time.perf_counter()
     state, first, first_count = self.start(wave)
@@ -202,23 +168,19 @@ class DecodingMethod:
       if all(s.is_finished for s in wave.seqs):
         break
       t_round = time.perf_counter()
-      with self.host("round"):
-        state, emitted, count, info = self.round(state)
+      with obs.host("round"):
+        state, emitted, count, info = self.round(state, obs)
       stats.rounds += 1
-      if self.profile:
+      if obs.profile:
         jax.block_until_ready((state, emitted, count, info, self.in_flight()))
-        all_hit = None
-        if "hit" in info:  # a round is a hit when every sequence that looked up hit
-          hit, asked = np.asarray(info["hit"]), np.asarray(info["looked_up"])
-          all_hit = bool(np.all(hit[asked])) if asked.any() else None
-        self.round_times.append((time.perf_counter() - t_round, all_hit))
+        obs.round_done(time.perf_counter() - t_round, info)
       # Start the device-to-host copies now; the lagged read below then finds the data
       # on the host instead of waiting for a transfer between two dispatches.
       for x in (emitted, count, *info.values()):
         x.copy_to_host_async()
       pending.append((emitted, count, info))
       if len(pending) > self.lag:
-        with self.host("drain"):
+        with obs.host("drain"):
           self._drain(wave, pending.popleft(), progress)
     while pending:
       self._drain(wave, pending.popleft(), progress)

@@ -63,6 +63,15 @@ def slot_mapping(page_table, positions, valid, page_size: int):
   return jnp.where(valid, page * page_size + positions % page_size, -1).astype(jnp.int32)
 
 
+def paged_step(page_table, positions, valid, page_size: int) -> AttentionInputs:
+  """The attention inputs of a step whose tokens are written to the pages: token (b, i) at
+  `positions[b, i]` writes its K/V there and sees every position up to its own; `valid`
+  ([B, Q] or broadcastable) False writes nothing and sees nothing."""
+  return AttentionInputs(page_table=page_table,
+                         slot_mapping=slot_mapping(page_table, positions, valid, page_size),
+                         kv_limit=jnp.where(valid, positions + 1, 0))
+
+
 class ModelRunner:
   def __init__(self, model: Transformer, mesh, *, num_pages: int, page_size: int,
                kv_dtype=None, name: str = "model", compiler_options: dict | None = None):
@@ -128,6 +137,13 @@ class ModelRunner:
   def num_compilations(self) -> int:
     return sum(f._cache_size() for f in self._jitted)
 
+  def run(self, program, *args, **kwargs):
+    """Calls a program of this runner's that takes (params, kv, ...) and returns
+    (kv, ...): the runner keeps the new KV (the old one was donated) and returns the rest.
+    Only the runner writes its KV, so each runner is driven from one host thread."""
+    self.kv, *out = program(self.params, self.kv, *args, **kwargs)
+    return out[0] if len(out) == 1 else tuple(out)
+
   def forward(self, params, kv, tokens, positions, attn, scratch=None, logits_at=None):
     """Pure model call, for use inside the decoders' jitted programs."""
     model = nnx.merge(self.graphdef, jax.tree.unflatten(self._param_tree, params))
@@ -143,10 +159,7 @@ class ModelRunner:
     offs = jnp.arange(t, dtype=jnp.int32)[None, :]
     positions = start[:, None] + offs
     valid = offs < length[:, None]
-    attn = AttentionInputs(
-        page_table=page_table,
-        slot_mapping=slot_mapping(page_table, positions, valid, self.page_size),
-        kv_limit=jnp.where(valid, positions + 1, 0))
+    attn = paged_step(page_table, positions, valid, self.page_size)
     logits, kv, _ = self.forward(params, kv, tokens, positions, attn,
                                  logits_at=jnp.maximum(length - 1, 0))
     return logits, kv
