@@ -400,27 +400,31 @@ def test_write_random_hf_checkpoint_loads_in_both(tmp_path):
 
 
 def test_fused_projections_equal_separate_ones(tmp_path):
-  """The fused model computes what HF's separate k/v and gate/up tensors compute: an
-  unfused model's weights, stacked, give the same logits, and its HF export loads into
-  the (fused) engine with the same logits too."""
-  from ssd_jax.config import ModelConfig
+  """The fused model computes what HF's separate k/v and gate/up tensors compute: a
+  transformers model with biases (every fused tensor has two HF parts) loads into the
+  (fused) engine with the same logits, and splitting the fused tensors gives HF's back."""
+  import torch
+  import transformers
   from ssd_jax.checkpoint import default_draft
   from ssd_jax.distill.train import causal_forward
-  from ssd_jax.models.transformer import Transformer, fuse_flat
-  cfg = ModelConfig.from_hf_dict(helpers.hf_config("llama").to_dict())
-  cfg = dataclasses.replace(cfg, attention_bias=True)
-  sep = Transformer(cfg, rngs=nnx.Rngs(3), fused_projections=False)
-  flat = default_draft.flat_params(sep)
-  assert "layers.0.self_attn.k_proj" in flat and "layers.0.mlp.up_proj" in flat
-  flat = {k: (v + 0.1 if k.endswith("_bias") else v) for k, v in flat.items()}
-  default_draft.assign_params(sep, flat)
-  fused = Transformer(cfg, rngs=nnx.Rngs(4))
-  default_draft.assign_params(fused, fuse_flat({k: np.asarray(v) for k, v in flat.items()}))
+  from ssd_jax.checkpoint.layout import fuse_flat, unfuse_flat
+  hf_cfg = helpers.hf_config("llama")
+  hf_cfg.attention_bias = True
+  torch.manual_seed(3)
+  hf = transformers.LlamaForCausalLM(hf_cfg).eval()
+  with torch.no_grad():
+    for name, p in hf.named_parameters():
+      if name.endswith(".bias"):
+        p.add_(0.1)
+  hf.save_pretrained(str(tmp_path / "sep"))
+  loaded, _ = load_model(str(tmp_path / "sep"))
+  flat = default_draft.flat_params(loaded)
+  assert "layers.0.self_attn.kv_proj" in flat and "layers.0.mlp.gate_up_proj" in flat
+  parts = unfuse_flat({k: np.asarray(v) for k, v in flat.items()})
+  assert "layers.0.self_attn.k_proj" in parts and "layers.0.mlp.up_proj" in parts
+  for k, v in fuse_flat(parts).items():
+    np.testing.assert_array_equal(v, np.asarray(flat[k]))
   tokens = jnp.asarray([PROMPTS[0]], jnp.int32)
-  want = np.asarray(causal_forward(sep, tokens))
-  np.testing.assert_allclose(np.asarray(causal_forward(fused, tokens)), want,
-                             rtol=2e-5, atol=2e-5)
-  out = save_hf_checkpoint(sep, cfg, str(tmp_path / "sep"))
-  loaded, _ = load_model(out)
-  np.testing.assert_allclose(np.asarray(causal_forward(loaded, tokens)), want,
+  want = helpers.hf_logits(hf, PROMPTS[0])
+  np.testing.assert_allclose(np.asarray(causal_forward(loaded, tokens))[0], want,
                              rtol=2e-5, atol=2e-5)

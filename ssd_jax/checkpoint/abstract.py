@@ -21,18 +21,15 @@ from ssd_jax.sharding.rules import sharding_for
 from ssd_jax.checkpoint.layout import TensorLayout, layout_for, state_path, var_value
 
 
-def abstract_model(cfg: ModelConfig, dtype, mesh, attention_impl: str, **model_kwargs):
-  """(graphdef, abstract state) of the Transformer; no parameter memory is allocated.
-  model_kwargs go to the Transformer (e.g. fused_projections)."""
+def abstract_model(cfg: ModelConfig, dtype, mesh, attention_impl: str):
+  """(graphdef, abstract state) of the Transformer; no parameter memory is allocated."""
   del mesh  # the model knows no mesh; parameters are placed by `param_sharding`
   try:
     model = nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, rngs=_ConstantKeys(),
-                                               attention_impl=attention_impl,
-                                               **model_kwargs))
+                                               attention_impl=attention_impl))
   except (TypeError, AttributeError):  # the model wants a real nnx.Rngs
     model = nnx.eval_shape(lambda: Transformer(cfg, dtype=dtype, rngs=nnx.Rngs(0),
-                                               attention_impl=attention_impl,
-                                               **model_kwargs))
+                                               attention_impl=attention_impl))
   return nnx.split(model)
 
 

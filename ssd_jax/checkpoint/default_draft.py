@@ -22,7 +22,8 @@ from flax import nnx
 
 from ssd_jax.checkpoint.cache import cache_root
 from ssd_jax.config import ModelConfig
-from ssd_jax.models.transformer import Transformer, fuse_flat
+from ssd_jax.checkpoint.layout import fuse_flat
+from ssd_jax.models.transformer import Transformer
 
 DEFAULT_DRAFT_NAME = "smollm2-135m-draft"
 LAYERS_PREFIX = "draft_layers"

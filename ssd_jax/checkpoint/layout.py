@@ -7,7 +7,8 @@ parameter is described by one `TensorLayout`: our array is the HF tensor reshape
 each, `FUSED_PARAMS` in models/transformer.py) is a `StackedLayout`: several such HF
 tensors stacked along one (never sharded) axis. The loader, the exporter and the
 random-checkpoint writer all use this one table, so they cannot drift apart; each of them
-reads or writes `layout.parts`, the HF tensors of a parameter, one at a time.
+reads or writes `layout.parts`, the HF tensors of a parameter, one at a time; `fuse_flat`
+and `unfuse_flat` apply the same map to {dotted name: array} dicts.
 """
 
 from __future__ import annotations
@@ -225,3 +226,42 @@ def var_value(var):
   if hasattr(var, "get_value"):
     return var.get_value()
   return var.value
+
+
+# -- the same map for named host arrays (the bundled draft's files, distillation) --------
+def unfuse_flat(flat: dict) -> dict:
+  """{dotted name: array} with each fused parameter split into its HF-named parts
+  ('layers.0.self_attn.kv_proj' -> '...k_proj' and '...v_proj'); other names unchanged."""
+  out = {}
+  for name, value in flat.items():
+    prefix, _, leaf = name.rpartition(".")
+    if leaf not in FUSED_PARAMS:
+      out[name] = value
+      continue
+    parts, axis = FUSED_PARAMS[leaf]
+    for j, part in enumerate(parts):
+      out[f"{prefix}.{part}" if prefix else part] = np.take(np.asarray(value), j, axis=axis)
+  return out
+
+
+def fuse_flat(flat: dict) -> dict:
+  """The inverse of `unfuse_flat`: stacks HF-named parts into the model's fused names.
+  Raises KeyError when only some parts of a fused parameter are present."""
+  part_of = {part: (fused, j) for fused, (parts, _) in FUSED_PARAMS.items()
+             for j, part in enumerate(parts)}
+  out, groups = {}, {}
+  for name, value in flat.items():
+    prefix, _, leaf = name.rpartition(".")
+    if leaf not in part_of:
+      out[name] = value
+      continue
+    fused, j = part_of[leaf]
+    groups.setdefault((prefix, fused), {})[j] = value
+  for (prefix, fused), got in groups.items():
+    parts, axis = FUSED_PARAMS[fused]
+    name = f"{prefix}.{fused}" if prefix else fused
+    if len(got) != len(parts):
+      missing = [p for j, p in enumerate(parts) if j not in got]
+      raise KeyError(f"{name}: parts {missing} missing")
+    out[name] = np.stack([np.asarray(got[j]) for j in range(len(parts))], axis=axis)
+  return out

@@ -100,19 +100,17 @@ def _group_drawer(specs: tuple, dtype):
 
 
 def random_model(cfg: ModelConfig, *, dtype=jnp.bfloat16, mesh=None, seed: int = 0,
-                 attention_impl: str = "xla", fused_projections: bool = True):
+                 attention_impl: str = "xla"):
   """A Transformer with random weights (normal(0, 0.02); norms 1; biases 0) on devices.
 
   Parameters are drawn by jitted functions whose output shardings are the parameters'
   (one program per decoder layer, shared by all layers, plus one for the rest), so
   nothing is built on the host and peak memory is about the model itself. Parameter i
   uses key fold_in(key(seed, impl="rbg"), i); values are reproducible for one seed and
-  mesh, not across meshes. fused_projections=False builds the unfused layout (separate
-  k/v, gate/up tensors; see Transformer), for measuring what the fusion saves.
+  mesh, not across meshes.
   """
   dtype = jnp.dtype(dtype)
-  graphdef, abstract_state = abstract_model(cfg, dtype, mesh, attention_impl,
-                                            fused_projections=fused_projections)
+  graphdef, abstract_state = abstract_model(cfg, dtype, mesh, attention_impl)
   layouts = param_layouts(abstract_state)
   check_mesh(cfg, mesh, layouts)
   # RBG keys: XLA's RngBitGenerator compiles far faster than threefry (seconds per

@@ -23,7 +23,8 @@ from flax import nnx
 from ssd_jax.config import ModelConfig
 from ssd_jax.checkpoint.default_draft import (INT8_BLOCK, LAYERS_PREFIX, SCALE_SUFFIX,
                                               assign_params, flat_params, int8_dequantize)
-from ssd_jax.models.transformer import Transformer, fuse_flat, unfuse_flat
+from ssd_jax.checkpoint.layout import fuse_flat, unfuse_flat
+from ssd_jax.models.transformer import Transformer
 
 
 def draft_config(target_cfg: ModelConfig, *, num_layers: int = 4, hidden_size: int | None = None,

@@ -49,9 +49,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
-from jax.sharding import PartitionSpec as P
-
 from ssd_jax.kernels.reference import NEG_INF
+from ssd_jax.sharding import rules
 
 __all__ = ["paged_attention", "sharded_paged_attention", "default_config"]
 
@@ -472,16 +471,17 @@ def sharded_paged_attention(q, k_pages, v_pages, page_table, kv_limit, *, scale,
   if mesh is None or mesh.size == 1:
     return paged_attention(q, k_pages, v_pages, page_table, kv_limit, scale=scale,
                            **kernel_kwargs)
-  tp = mesh.shape.get("tp", 1)
+  tp = mesh.shape.get(rules.TP, 1)
   hq, hkv = q.shape[2], k_pages.shape[2]
   if hq % tp or hkv % tp:
     raise ValueError(f"{hq} query heads / {hkv} KV heads do not split over tp={tp}")
-  dp = mesh.shape.get("dp", 1)
-  batch = "dp" if dp > 1 and q.shape[0] % dp == 0 else None
+  dp = mesh.shape.get(rules.DP, 1)
+  batch = "batch" if dp > 1 and q.shape[0] % dp == 0 else None
+  spec = lambda *axes: rules.spec_for(axes)
   fn = functools.partial(paged_attention, scale=scale, **kernel_kwargs)
   return _shard_map(
       fn, mesh,
-      in_specs=(P(batch, None, "tp", None), P(None, None, "tp", None),
-                P(None, None, "tp", None), P(batch, None), P(batch, None)),
-      out_specs=(P(batch, None, "tp", None), P(batch, None, "tp")),
+      in_specs=(spec(batch, None, "heads", None), spec(*rules.KV_PAGES_AXES),
+                spec(*rules.KV_PAGES_AXES), spec(batch, None), spec(batch, None)),
+      out_specs=(spec(batch, None, "heads", None), spec(batch, None, "heads")),
   )(q, k_pages, v_pages, page_table, kv_limit)

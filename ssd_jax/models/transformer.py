@@ -19,7 +19,6 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
 from ssd_jax.config import ModelConfig
@@ -91,50 +90,12 @@ def init_tree_scratch(cfg: ModelConfig, batch: int, branches: int, steps: int,
 # stacked tensors, in stacking order, and the stacking axis of our array). The stacking
 # axis carries the logical name "stack", which is never sharded, so tensor parallelism
 # still splits the heads / the MLP hidden dimension exactly as for separate tensors.
-# Checkpoints keep HF's separate tensors: the loaders and writers split and stack here.
+# Checkpoints keep HF's separate tensors: checkpoint/layout.py splits and stacks them.
 FUSED_PARAMS: dict[str, tuple[tuple[str, ...], int]] = {
     "kv_proj": (("k_proj", "v_proj"), 1),             # [embed, 2, kv_heads, head_dim]
     "kv_bias": (("k_bias", "v_bias"), 0),             # [2, kv_heads, head_dim]
     "gate_up_proj": (("gate_proj", "up_proj"), 1),    # [embed, 2, mlp]
 }
-
-
-def unfuse_flat(flat: dict) -> dict:
-  """{dotted name: array} with each fused parameter split into its HF-named parts
-  ('layers.0.self_attn.kv_proj' -> '...k_proj' and '...v_proj'); other names unchanged."""
-  out = {}
-  for name, value in flat.items():
-    prefix, _, leaf = name.rpartition(".")
-    if leaf not in FUSED_PARAMS:
-      out[name] = value
-      continue
-    parts, axis = FUSED_PARAMS[leaf]
-    for j, part in enumerate(parts):
-      out[f"{prefix}.{part}" if prefix else part] = np.take(np.asarray(value), j, axis=axis)
-  return out
-
-
-def fuse_flat(flat: dict) -> dict:
-  """The inverse of `unfuse_flat`: stacks HF-named parts into the model's fused names.
-  Raises KeyError when only some parts of a fused parameter are present."""
-  part_of = {part: (fused, j) for fused, (parts, _) in FUSED_PARAMS.items()
-             for j, part in enumerate(parts)}
-  out, groups = {}, {}
-  for name, value in flat.items():
-    prefix, _, leaf = name.rpartition(".")
-    if leaf not in part_of:
-      out[name] = value
-      continue
-    fused, j = part_of[leaf]
-    groups.setdefault((prefix, fused), {})[j] = value
-  for (prefix, fused), got in groups.items():
-    parts, axis = FUSED_PARAMS[fused]
-    name = f"{prefix}.{fused}" if prefix else fused
-    if len(got) != len(parts):
-      missing = [p for j, p in enumerate(parts) if j not in got]
-      raise KeyError(f"{name}: parts {missing} missing")
-    out[name] = np.stack([np.asarray(got[j]) for j in range(len(parts))], axis=axis)
-  return out
 
 
 def _param(rngs, shape, axes, dtype, scale=0.02):
@@ -153,29 +114,19 @@ class RMSNorm(nnx.Module):
 
 
 class Attention(nnx.Module):
-  def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, attention_impl: str,
-               fused: bool = True):
+  def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, attention_impl: str):
     e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
     self.q_proj = _param(rngs, (e, h, d), ("embed", "heads", "head_dim"), dtype)
     # K and V stacked: one GEMM for both (see FUSED_PARAMS). Q stays separate: it has
     # more heads than K/V (GQA), and a stack over heads would mix them under TP.
-    if fused:
-      self.kv_proj = _param(rngs, (e, 2, kv, d), ("embed", "stack", "kv_heads", "head_dim"),
-                            dtype)
-    else:
-      self.k_proj = _param(rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), dtype)
-      self.v_proj = _param(rngs, (e, kv, d), ("embed", "kv_heads", "head_dim"), dtype)
+    self.kv_proj = _param(rngs, (e, 2, kv, d), ("embed", "stack", "kv_heads", "head_dim"),
+                          dtype)
     self.o_proj = _param(rngs, (h, d, e), ("heads", "head_dim", "embed"), dtype)
     if cfg.attention_bias:
       self.q_bias = nnx.Param(jnp.zeros((h, d), dtype), axes=("heads", "head_dim"))
-      if fused:
-        self.kv_bias = nnx.Param(jnp.zeros((2, kv, d), dtype),
-                                 axes=("stack", "kv_heads", "head_dim"))
-      else:
-        self.k_bias = nnx.Param(jnp.zeros((kv, d), dtype), axes=("kv_heads", "head_dim"))
-        self.v_bias = nnx.Param(jnp.zeros((kv, d), dtype), axes=("kv_heads", "head_dim"))
+      self.kv_bias = nnx.Param(jnp.zeros((2, kv, d), dtype),
+                               axes=("stack", "kv_heads", "head_dim"))
       self.o_bias = nnx.Param(jnp.zeros((e,), dtype), axes=("embed",))
-    self.fused = fused
     if cfg.qk_norm:
       self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, axes=("head_dim",))
       self.k_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, axes=("head_dim",))
@@ -188,16 +139,10 @@ class Attention(nnx.Module):
     q = jnp.einsum("bse,ehd->bshd", x, self.q_proj[...])
     if cfg.attention_bias:
       q = q + self.q_bias[...]
-    if self.fused:
-      kv = jnp.einsum("bse,ethd->bsthd", x, self.kv_proj[...])
-      if cfg.attention_bias:
-        kv = kv + self.kv_bias[...]
-      k, v = kv[:, :, 0], kv[:, :, 1]
-    else:
-      k = jnp.einsum("bse,ehd->bshd", x, self.k_proj[...])
-      v = jnp.einsum("bse,ehd->bshd", x, self.v_proj[...])
-      if cfg.attention_bias:
-        k, v = k + self.k_bias[...], v + self.v_bias[...]
+    kv = jnp.einsum("bse,ethd->bsthd", x, self.kv_proj[...])
+    if cfg.attention_bias:
+      kv = kv + self.kv_bias[...]
+    k, v = kv[:, :, 0], kv[:, :, 1]
     if cfg.qk_norm:
       q, k = self.q_norm(q), self.k_norm(k)
     # Computed at trace time from the config (a constant in the compiled program).
@@ -222,35 +167,25 @@ class Attention(nnx.Module):
 
 
 class MLP(nnx.Module):
-  def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, fused: bool = True):
+  def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs):
     e, m = cfg.hidden_size, cfg.intermediate_size
     # Gate and up stacked: one GEMM for both; under TP each shard holds the gate and up
     # columns of its own slice of `mlp`, so silu(gate) * up needs no communication.
-    if fused:
-      self.gate_up_proj = _param(rngs, (e, 2, m), ("embed", "stack", "mlp"), dtype)
-    else:
-      self.gate_proj = _param(rngs, (e, m), ("embed", "mlp"), dtype)
-      self.up_proj = _param(rngs, (e, m), ("embed", "mlp"), dtype)
+    self.gate_up_proj = _param(rngs, (e, 2, m), ("embed", "stack", "mlp"), dtype)
     self.down_proj = _param(rngs, (m, e), ("mlp", "embed"), dtype)
-    self.fused = fused
 
   def __call__(self, x):
-    if self.fused:
-      gate_up = jnp.einsum("bse,etm->bstm", x, self.gate_up_proj[...])
-      gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
-    else:
-      gate = jnp.einsum("bse,em->bsm", x, self.gate_proj[...])
-      up = jnp.einsum("bse,em->bsm", x, self.up_proj[...])
+    gate_up = jnp.einsum("bse,etm->bstm", x, self.gate_up_proj[...])
+    gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
     return jnp.einsum("bsm,me->bse", jax.nn.silu(gate) * up, self.down_proj[...])
 
 
 class DecoderLayer(nnx.Module):
-  def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, attention_impl: str,
-               fused: bool = True):
+  def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, attention_impl: str):
     self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-    self.self_attn = Attention(cfg, dtype, rngs, attention_impl, fused)
+    self.self_attn = Attention(cfg, dtype, rngs, attention_impl)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
-    self.mlp = MLP(cfg, dtype, rngs, fused)
+    self.mlp = MLP(cfg, dtype, rngs)
 
   def __call__(self, x, positions, k_pages, v_pages, attn, scratch_kv=None,
                scratch_step=None):
@@ -270,10 +205,7 @@ class Transformer(nnx.Module):
   """
 
   def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None,
-               attention_impl: str = "xla", fused_projections: bool = True):
-    """fused_projections=False keeps HF's separate k/v and gate/up tensors (two GEMMs
-    each): the layout before FUSED_PARAMS, kept to measure what the fusion saves
-    (launch/step_programs.py) and as an oracle in tests; the engine uses the default."""
+               attention_impl: str = "xla"):
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     self.cfg = cfg
     self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
@@ -281,8 +213,7 @@ class Transformer(nnx.Module):
     # Layers are unrolled at trace time (a Python loop inside jit): each layer's weights
     # and KV pool stay separate buffers, so XLA reads them in place and updates the cache
     # in place; nothing loops over layers at run time.
-    self.layers = nnx.List([DecoderLayer(cfg, dtype, rngs, attention_impl,
-                                         fused_projections)
+    self.layers = nnx.List([DecoderLayer(cfg, dtype, rngs, attention_impl)
                             for _ in range(cfg.num_layers)])
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
     if not cfg.tie_word_embeddings:
