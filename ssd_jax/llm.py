@@ -58,6 +58,8 @@ class LLM:
     after those for the draft's own mesh (0: the draft shares the target's devices).
   command_buffers: None (XLA's default), or a mode of runner.COMMAND_BUFFER_MODES
     ("off", "max") for how much of each program XLA records into CUDA graphs (GPU only).
+  min_step_rows: steps of fewer tokens are padded to this many rows (None: 8 on GPU, where
+    single-row GEMMs are slow, 1 elsewhere; runner.ModelRunner).
   """
 
   def __init__(self, model=None, draft=None, *, method: str = "ar", mesh: str = "1x1",
@@ -67,7 +69,8 @@ class LLM:
                draft_temperature: float | None = None, max_batch_size: int = 8,
                max_model_len: int = 2048, page_size: int = 64, num_pages: int | None = None,
                attention_impl: str = "auto", profile: bool = False, tokenizer=None,
-               devices=None, command_buffers: str | None = None):
+               devices=None, command_buffers: str | None = None,
+               min_step_rows: int | None = None):
     if method not in METHODS:
       raise ValueError(f"method {method!r} is unknown; use one of {', '.join(METHODS)}")
     dtype = dtype or _default_dtype()
@@ -96,7 +99,8 @@ class LLM:
     pages_per_seq = -(-(max_model_len + 2 * (k + 1)) // page_size)
     num_pages = num_pages or max_batch_size * pages_per_seq + pages_per_seq
     self.target = ModelRunner(self.target_model, self.target_mesh, num_pages=num_pages,
-                              page_size=page_size, name="target", compiler_options=copts)
+                              page_size=page_size, name="target", compiler_options=copts,
+                              min_rows=min_step_rows)
     self.blocks = PagePool(num_pages, page_size)
     slack = k + 1 if method != "ar" else 0
     self.scheduler = Scheduler(self.blocks, max_batch_size, slack)
@@ -122,7 +126,8 @@ class LLM:
       raise ValueError(f"draft vocab_size {draft_model.cfg.vocab_size} differs from the "
                        f"target's {self.cfg.vocab_size}: the draft must share the tokenizer")
     self.draft = ModelRunner(draft_model, draft_mesh, num_pages=num_pages,
-                             page_size=page_size, name="draft", compiler_options=copts)
+                             page_size=page_size, name="draft", compiler_options=copts,
+                             min_rows=min_step_rows)
     from ssd_jax.decoding.sd import SDMethod, SpecOptions
     if method == "sd":
       self.decoding = SDMethod(self.target, self.draft,

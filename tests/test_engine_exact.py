@@ -216,3 +216,17 @@ def test_eos_inside_speculation_and_max_new_tokens(method):
   short = llm.generate(PROMPTS, SamplingParams(max_new_tokens=3, ignore_eos=True))
   assert all(len(o.token_ids) == 3 for o in short)
   assert [o.token_ids for o in short] == [r[:3] for r in _generate(ar, PROMPTS, 3)]
+
+
+@pytest.mark.parametrize("method", ["ar", "sd", "ssd"])
+def test_steps_padded_to_min_rows_are_exact(ar_tokens, method):
+  """GPU runners pad steps of fewer tokens to 8 rows (single-row GEMMs are slow there):
+  the padded rows write no KV and change no output, at batch 1 and batch 4."""
+  kw = dict(COMMON, min_step_rows=8)
+  if method == "ar":
+    llm = LLM(TARGET, method="ar", **kw)
+  else:
+    llm = LLM(TARGET, DRAFTS["noisy"], method=method, k=3, f=2, **kw)
+  assert llm.target.min_rows == 8
+  assert _generate(llm, PROMPTS[:1]) == ar_tokens["single"][:1]
+  assert _generate(llm, PROMPTS) == ar_tokens["batch"]

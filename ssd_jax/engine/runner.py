@@ -74,8 +74,15 @@ def paged_step(page_table, positions, valid, page_size: int) -> AttentionInputs:
 
 class ModelRunner:
   def __init__(self, model: Transformer, mesh, *, num_pages: int, page_size: int,
-               kv_dtype=None, name: str = "model", compiler_options: dict | None = None):
+               kv_dtype=None, name: str = "model", compiler_options: dict | None = None,
+               min_rows: int | None = None):
     self.name = name
+    # On GPU, XLA's GEMM kernels for a single row read the weights markedly slower than
+    # for eight (one H200, bf16: an 8B-shape decode step took 5.25 ms at 1 row and 4.32 ms
+    # with the same 1 row padded to 8; bench/RESULTS.md), so steps of fewer tokens are
+    # padded to 8 rows there. The CPU's single-row path is not slower: no padding.
+    self.min_rows = (min_rows if min_rows is not None
+                     else 8 if jax.default_backend() == "gpu" else 1)
     self.compiler_options = dict(compiler_options) if compiler_options else None
     self.cfg = model.cfg
     self.mesh = mesh
@@ -145,12 +152,29 @@ class ModelRunner:
     return out[0] if len(out) == 1 else tuple(out)
 
   def forward(self, params, kv, tokens, positions, attn, scratch=None, logits_at=None):
-    """Pure model call, for use inside the decoders' jitted programs."""
+    """Pure model call, for use inside the decoders' jitted programs.
+
+    A paged step of fewer than `min_rows` tokens in all (batch x queries) is padded with
+    rows that write nothing and see nothing, and their outputs are dropped: see
+    `min_rows` in __init__ for why."""
     model = nnx.merge(self.graphdef, jax.tree.unflatten(self._param_tree, params))
     precision = (jax.default_matmul_precision(self.matmul_precision)
                  if self.matmul_precision else contextlib.nullcontext())
+    b, q = tokens.shape
+    pad = -(-self.min_rows // q) - b if scratch is None else 0
+    if pad > 0:
+      rows = lambda x, value=0: jnp.pad(x, ((0, pad),) + ((0, 0),) * (x.ndim - 1),
+                                        constant_values=value)
+      tokens, positions = rows(tokens), rows(positions)
+      attn = AttentionInputs(page_table=rows(attn.page_table),
+                             slot_mapping=(None if attn.slot_mapping is None
+                                           else rows(attn.slot_mapping, -1)),
+                             kv_limit=rows(attn.kv_limit))
+      logits_at = None if logits_at is None else rows(logits_at)
     with kernels.on_mesh(self.mesh), precision:
-      return model(tokens, positions, kv, attn, scratch=scratch, logits_at=logits_at)
+      logits, kv, scratch = model(tokens, positions, kv, attn, scratch=scratch,
+                                  logits_at=logits_at)
+    return (logits[:b] if pad > 0 else logits), kv, scratch
 
   def _prefill(self, params, kv, tokens, start, length, page_table):
     """Writes KV for tokens[b, :length[b]] at positions start[b].. and returns the logits
