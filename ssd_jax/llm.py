@@ -58,6 +58,7 @@ class LLM:
     after those for the draft's own mesh (0: the draft shares the target's devices).
   command_buffers: None (XLA's default), or a mode of runner.COMMAND_BUFFER_MODES
     ("off", "max") for how much of each program XLA records into CUDA graphs (GPU only).
+  ar_steps: AR decode steps per round (one program, stops applied on device each step).
   min_step_rows: steps of fewer tokens are padded to this many rows (None: 8 on GPU, where
     single-row GEMMs are slow, 1 elsewhere; runner.ModelRunner).
   """
@@ -70,7 +71,7 @@ class LLM:
                max_model_len: int = 2048, page_size: int = 64, num_pages: int | None = None,
                attention_impl: str = "auto", profile: bool = False, tokenizer=None,
                devices=None, command_buffers: str | None = None,
-               min_step_rows: int | None = None):
+               min_step_rows: int | None = None, ar_steps: int = 1):
     if method not in METHODS:
       raise ValueError(f"method {method!r} is unknown; use one of {', '.join(METHODS)}")
     dtype = dtype or _default_dtype()
@@ -111,7 +112,8 @@ class LLM:
     decode = self._decode_text
 
     if method == "ar":
-      self.decoding: DecodingMethod = ARMethod(self.target, decode, self.eos_ids)
+      self.decoding: DecodingMethod = ARMethod(self.target, decode, self.eos_ids,
+                                               steps=ar_steps)
       self.draft = None
       return
     if draft is None and model is None:

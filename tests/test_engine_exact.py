@@ -230,3 +230,19 @@ def test_steps_padded_to_min_rows_are_exact(ar_tokens, method):
   assert llm.target.min_rows == 8
   assert _generate(llm, PROMPTS[:1]) == ar_tokens["single"][:1]
   assert _generate(llm, PROMPTS) == ar_tokens["batch"]
+
+
+def test_ar_rounds_of_several_steps_are_exact(ar_tokens):
+  """AR rounds of several steps in one program emit exactly the one-step tokens, stops
+  included (max_new_tokens not a multiple of the steps; EOS mid-round)."""
+  llm = LLM(TARGET, method="ar", ar_steps=4, **COMMON)
+  assert _generate(llm, PROMPTS) == ar_tokens["batch"]
+  short = llm.generate(PROMPTS, SamplingParams(max_new_tokens=7, ignore_eos=True))
+  assert [o.token_ids for o in short] == [r[:7] for r in ar_tokens["batch"]]
+  stop_tok = ar_tokens["batch"][1][5]
+  llm.eos_ids = llm.decoding.eos_ids = (stop_tok,)
+  outs = llm.generate(PROMPTS, SamplingParams(max_new_tokens=MAX_NEW))
+  for r, o in zip(ar_tokens["batch"], outs):
+    assert o.token_ids == (r[:r.index(stop_tok) + 1] if stop_tok in r else r)
+  with pytest.raises(ValueError, match="steps per round"):
+    LLM(TARGET, method="ar", ar_steps=0, **COMMON)

@@ -1,4 +1,11 @@
-"""Autoregressive decoding with the target alone: one jitted program per token."""
+"""Autoregressive decoding with the target alone: one jitted program per `steps` tokens.
+
+A round runs `steps` decode steps in one program (a lax loop): stops are applied on
+device after every step, so a sequence that stops mid-round emits only its tokens up to
+the stop, and each round costs one dispatch instead of `steps`. At batch 1 a small model's
+step is dominated by the host's dispatch of its ~550 kernels (bench/RESULTS.md), which a
+multi-step round pays once per round.
+"""
 
 from __future__ import annotations
 
@@ -25,9 +32,12 @@ class ARWave:
 
 
 class ARMethod(DecodingMethod):
-  def __init__(self, target: ModelRunner, tokenizer_decode, eos_ids):
+  def __init__(self, target: ModelRunner, tokenizer_decode, eos_ids, steps: int = 1):
     super().__init__(tokenizer_decode, eos_ids)
+    if steps < 1:
+      raise ValueError(f"AR steps per round must be >= 1, got {steps}")
     self.target = target
+    self.steps = steps
     self._first = target.jit(first_token_state, static_argnames=("greedy",))
     self._step = target.jit(self._step_fn, donate_argnums=(1,), static_argnames=("greedy",))
 
@@ -54,6 +64,20 @@ class ARMethod(DecodingMethod):
     return dataclasses.replace(state, decode=decode), emitted, count, {}
 
   def _step_fn(self, params, kv, state: DecodeState, consts: WaveConstants, greedy: bool):
+    if self.steps == 1:
+      return self._one_step(params, kv, state, consts, greedy)
+
+    def body(carry, _):
+      kv, state = carry
+      kv, state, nxt, count = self._one_step(params, kv, state, consts, greedy)
+      return (kv, state), (nxt[:, 0], count)
+
+    (kv, state), (tokens, counts) = jax.lax.scan(body, (kv, state), None, length=self.steps)
+    # A sequence emits one token per step until it stops, then none: its tokens are the
+    # first sum(counts) of the round's.
+    return kv, state, jnp.moveaxis(tokens, 0, 1), jnp.sum(counts, axis=0).astype(jnp.int32)
+
+  def _one_step(self, params, kv, state: DecodeState, consts: WaveConstants, greedy: bool):
     tokens, positions = state.token[:, None], state.pos[:, None]
     attn = paged_step(consts.page_table, positions, ~state.done[:, None],
                       self.target.page_size)

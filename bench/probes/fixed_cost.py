@@ -1,0 +1,153 @@
+"""The fixed cost per program, measured end to end: AR decode through `LLM.generate` at
+real shapes (random weights), against the read-bandwidth floor measured in the same process.
+
+For each model (a REAL_SHAPES name), batch size and variant it reports, per decode step of
+one sequence:
+
+  ms          decode time / generated tokens per sequence (what a user waits per token);
+  host_ms     the host's time to dispatch a round (trace_host, no synchronisation added)
+              divided by the steps in it: a step is host-bound when this is near `ms`;
+  floor_ms    bytes a step must read (every weight once, the input embedding one row per
+              sequence, plus the KV it attends to) / the read ceiling;
+  ratio       floor_ms / ms (1.0: at the read floor).
+
+The read ceiling is a jnp.sum over >= 4 GB (bytes read / median time); a copy (x * 2,
+bytes read + written) is measured beside it and labelled, never used as the floor.
+Variants are `rows<R>_steps<S>`: steps of fewer than R tokens padded to R rows
+(LLM(min_step_rows=R)) and S decode steps per AR round (LLM(ar_steps=S)).
+
+  PYTHONPATH=$PWD python bench/probes/fixed_cost.py --models llama-3.1-8b,llama-3.2-1b,smollm2-135m \
+      --batches 1,8 --variants rows1_steps1,rows8_steps1,rows8_steps4 --output_json out.json
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+flags.DEFINE_list("models", ["llama-3.1-8b", "llama-3.2-1b", "smollm2-135m"],
+                  "REAL_SHAPES names.")
+flags.DEFINE_list("batches", ["1", "8"], "Batch sizes.")
+flags.DEFINE_list("variants", ["rows1_steps1", "rows8_steps1", "rows8_steps4"],
+                  "rows<R>_steps<S>: pad steps to R rows, S AR steps per round.")
+flags.DEFINE_integer("prompt_len", 128, "Prompt tokens.")
+flags.DEFINE_integer("new_tokens", 128, "Generated tokens per sequence.")
+flags.DEFINE_integer("repeats", 2, "Timed generate calls per point (the best is kept).")
+flags.DEFINE_float("read_gb", 8.6, "Size of the array the read ceiling reduces (GB).")
+flags.DEFINE_string("dtype", "bfloat16", "Weights and compute dtype.")
+flags.DEFINE_string("attention", "auto", "auto | xla | pallas.")
+flags.DEFINE_string("output_json", None, "Write the results here.")
+FLAGS = flags.FLAGS
+
+
+def bandwidth(nbytes: float, reps: int = 10) -> dict:
+  """Read ceiling (a reduction) and copy figure (x * 2) over one array of nbytes."""
+  n = int(nbytes) // 2
+  x = jnp.ones((n,), jnp.bfloat16)
+  out = {}
+  for name, fn, moved in (("read", jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32)), n * 2),
+                          ("copy", jax.jit(lambda a: a * 2), n * 4)):
+    fn(x).block_until_ready()
+    times = []
+    for _ in range(reps):
+      t0 = time.perf_counter()
+      fn(x).block_until_ready()
+      times.append(time.perf_counter() - t0)
+    out[f"{name}_TBps"] = moved / float(np.median(times)) / 1e12
+  del x
+  return out
+
+
+def step_bytes(cfg, batch: int, context: float, itemsize: int) -> float:
+  """Bytes one decode step must read: every weight once, one embedding row per sequence
+  (an untied table is gathered, not read), the KV of `context` tokens per sequence."""
+  e, m, layers = cfg.hidden_size, cfg.intermediate_size, cfg.num_layers
+  h, kv, d, v = cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.vocab_size
+  per_layer = e * h * d * 2 + e * kv * d * 2 + 3 * e * m + 2 * e
+  weights = layers * per_layer + e + v * e  # + final norm + output projection
+  if not cfg.tie_word_embeddings:
+    weights += batch * e
+  kv_bytes = batch * context * layers * 2 * kv * d
+  return (weights + kv_bytes) * itemsize
+
+
+def run_point(model, cfg, batch: int, variant: str) -> dict:
+  from ssd_jax import LLM, SamplingParams
+  rows, steps = map(int, re.fullmatch(r"rows(\d+)_steps(\d+)", variant).groups())
+  llm = LLM(model, method="ar", max_batch_size=batch, min_step_rows=rows, ar_steps=steps,
+            max_model_len=FLAGS.prompt_len + FLAGS.new_tokens + 64, page_size=64,
+            attention_impl=FLAGS.attention)
+  rng = np.random.default_rng(0)
+  prompts = [list(map(int, rng.integers(1, cfg.vocab_size, FLAGS.prompt_len)))
+             for _ in range(batch)]
+  params = SamplingParams(max_new_tokens=FLAGS.new_tokens, ignore_eos=True)
+  llm.generate(prompts, params)  # compile
+  best = None
+  for _ in range(FLAGS.repeats):
+    llm.reset_prefix_cache()
+    llm.generate(prompts, params)
+    m = llm.last_metrics
+    if best is None or m["decode_tokens_per_s"] > best["decode_tokens_per_s"]:
+      best = m
+  llm.trace_host = True
+  llm.reset_prefix_cache()
+  llm.generate(prompts, params)
+  traced = llm.last_metrics
+  ms = 1e3 * batch / best["decode_tokens_per_s"]
+  return {"model": None, "batch": batch, "variant": variant, "ms": ms,
+          "round_ms": best["round_ms"], "host_ms": traced.get("host_round_ms", 0.0) / steps,
+          "compilations_after_warmup": best["compilations"] + traced["compilations"]}
+
+
+def main(argv):
+  del argv
+  from ssd_jax.checkpoint import REAL_SHAPES, random_model
+  dev = jax.devices()[0]
+  res = {"device": getattr(dev, "device_kind", str(dev)), "jax": jax.__version__,
+         "date": time.strftime("%Y-%m-%d"), "flags": {k: FLAGS[k].value for k in (
+             "models", "batches", "variants", "prompt_len", "new_tokens", "dtype",
+             "attention")}}
+  res.update(bandwidth(FLAGS.read_gb * 1e9))
+  read = res["read_TBps"] * 1e12
+  print(f"read ceiling {res['read_TBps']:.2f} TB/s (copy, read + written: "
+        f"{res['copy_TBps']:.2f} TB/s)", flush=True)
+  rows = []
+  itemsize = jnp.dtype(FLAGS.dtype).itemsize
+  for name in FLAGS.models:
+    cfg = REAL_SHAPES[name]
+    model = random_model(cfg, dtype=jnp.dtype(FLAGS.dtype))
+    for b in map(int, FLAGS.batches):
+      floor_ms = 1e3 * step_bytes(cfg, b, FLAGS.prompt_len + FLAGS.new_tokens / 2,
+                                  itemsize) / read
+      for variant in FLAGS.variants:
+        try:
+          row = run_point(model, cfg, b, variant)
+        except Exception as e:  # noqa: BLE001 - a benchmark reports and goes on
+          row = {"batch": b, "variant": variant, "error": f"{type(e).__name__}: {e}"[:300]}
+          print(f"{name} b={b} {variant}: failed: {row['error']}", flush=True)
+          rows.append({**row, "model": name})
+          continue
+        row.update(model=name, floor_ms=floor_ms, ratio=floor_ms / row["ms"])
+        rows.append(row)
+        print(f"{name:14s} b={b:<2d} {variant:14s} {row['ms']:7.3f} ms/step  host "
+              f"{row['host_ms']:6.3f}  floor {floor_ms:6.3f}  ratio {row['ratio']:.2f}  "
+              f"compilations after warm-up {row['compilations_after_warmup']}", flush=True)
+        if FLAGS.output_json:
+          with open(FLAGS.output_json, "w") as f:
+            json.dump({**res, "rows": rows}, f, indent=1)
+    del model
+  res["rows"] = rows
+  if FLAGS.output_json:
+    with open(FLAGS.output_json, "w") as f:
+      json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+  app.run(main)
