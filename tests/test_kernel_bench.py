@@ -1,4 +1,4 @@
-"""The kernel benchmark's timing harness (launch/kernel_bench.py): what each timed program
+"""The kernel benchmark's timing harness (bench/probes/kernel_bench.py): what each timed program
 reads, so that its numbers mean what bench/KERNELS.md says they mean."""
 
 import os
@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-from launch import kernel_bench  # noqa: E402
+from bench.probes import kernel_bench  # noqa: E402
 
 FLAGS = flags.FLAGS
 

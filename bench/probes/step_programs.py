@@ -13,7 +13,7 @@ without the rest of a round around it:
 
 For each program and each XLA command-buffer mode (runner.COMMAND_BUFFER_MODES: "default",
 "off" = every kernel launched by the host, "max" = loops/conditionals in CUDA graphs too)
-it reports the kernels of one call (launch/hlo_stats.py, from the optimized HLO) and
+it reports the kernels of one call (bench/probes/hlo_stats.py, from the optimized HLO) and
 three times, all host-measured:
 
   ms            per call, `iters` calls queued back to back, then one wait (throughput);
@@ -21,13 +21,14 @@ three times, all host-measured:
                 is close to ms, the host launching kernels is the bottleneck (launch-bound);
   latency_ms    one call and a wait, median (what a round pays when it waits).
 
-Used by launch/ssd_timing.py (`--runs ...,steps`) and runnable alone:
+Used by bench/probes/ssd_timing.py (`--runs ...,steps`) and runnable alone:
 
-  python launch/step_programs.py --target llama-3.1-8b --draft llama-3.2-1b --draft_devices 1
+  PYTHONPATH=$PWD python bench/probes/step_programs.py --target llama-3.1-8b \
+      --draft llama-3.2-1b --draft_devices 1
 
 Programs named *_unfused run the same step on a model built with fused_projections=False
-(HF's separate k/v and gate/up GEMMs, the layout before they were stacked): the same run
-then shows what the fusion changed, in kernels and in time.
+(HF's separate k/v and gate/up GEMMs): the same run then shows what the fusion saves, in
+kernels and in time.
 """
 
 from __future__ import annotations
@@ -38,7 +39,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hlo_stats import kernel_counts  # launch/, next to this script
+from bench.probes.hlo_stats import kernel_counts
 from ssd_jax.engine.runner import COMMAND_BUFFER_MODES, ModelRunner, slot_mapping
 from ssd_jax.models.transformer import AttentionInputs, TreeScratch, init_tree_scratch
 from ssd_jax.sharding.rules import TREE_SCRATCH_AXES, sharding_for
