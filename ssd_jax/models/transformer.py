@@ -273,7 +273,7 @@ class Transformer(nnx.Module):
                attention_impl: str = "xla", fused_projections: bool = True):
     """fused_projections=False keeps HF's separate k/v and gate/up tensors (two GEMMs
     each): the layout before FUSED_PARAMS, kept to measure what the fusion saves
-    (launch/step_programs.py) and as an oracle in tests; the engine uses the default."""
+    (bench/probes/step_programs.py) and as an oracle in tests; the engine uses the default."""
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     self.cfg = cfg
     self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
