@@ -127,8 +127,8 @@ def _cfgs(text):
 
 PRESETS = {
     "default": lambda: [{}],
-    # Split counts (8b decode B=8 ctx 4k: 8 auto in run 2, 9 in run 1), the XLA merge
-    # (the previous kernel's merge) and no split at all.
+    # Split counts around the automatic choice (8b decode B=8 ctx 4k picks 8 or 9), the
+    # merge done by XLA instead of the merge kernel, and no split at all.
     "splits": lambda: _cfgs("/merge=xla/sp=1/sp=2/sp=4/sp=6/sp=8/sp=9/sp=12/sp=16/sp=24/"
                             "sp=32"),
     # Tiles for big row counts (70b verify: 64 rows, 8 warps by default; 70b tree: 192 rows
@@ -136,7 +136,7 @@ PRESETS = {
     # narrower K blocks, 3 tiles of 64 rows, one tile of 256 rows.
     "tiles": lambda: _cfgs("/w=4/st=2/st=4/k=32/k=128,st=2/k=128,w=4,st=2/r=64/r=64,w=4/"
                            "r=256,k=32/r=256,k=32,st=2"),
-    # The earlier generic grid.
+    # A generic grid over block_k, warps, stages, splits and tile rows.
     "all": lambda: _cfgs("k=32,w=4,st=3/k=64,w=4,st=2/k=64,w=4,st=3/k=64,w=4,st=4/"
                          "k=64,w=8,st=3/k=128,w=4,st=3/k=128,w=8,st=2/sp=1/sp=2/sp=4/sp=8/"
                          "sp=16/sp=32/sp=64/r=32/r=64"),
@@ -297,8 +297,8 @@ def looped(attn, inner):
   attn = jax.jit(attn)
 
   def run(q, kvs, pt, lim):
-    # Nothing else runs between the calls (an earlier version summed each call's lse
-    # here: one more small kernel per call, timed as the kernel's).
+    # Nothing else runs between the calls: anything here (summing each call's lse, say)
+    # would be one more small kernel per call, timed as the kernel's.
     for i in range(inner):
       k, v = kvs[i % len(kvs)]
       q, lse = attn(q, k, v, pt, lim)

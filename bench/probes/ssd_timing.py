@@ -132,8 +132,8 @@ def _steps(target, draft, k, results):
                                              FLAGS.step_iters, log=log)
     del progs
     if FLAGS.steps_unfused:
-      # The same steps on models with HF's separate k/v and gate/up GEMMs (the layout
-      # before the fusion), XLA's default command buffers: what the fusion changed.
+      # The same steps on models with HF's separate k/v and gate/up GEMMs, XLA's default
+      # command buffers: what the fusion saves.
       unfused = [_build(FLAGS.target, "target", 0, FLAGS.target_layers, fused=False),
                  _build(FLAGS.draft, "draft", 1, FLAGS.draft_layers, fused=False)]
       runners = [ModelRunner(mdl, mesh, num_pages=pages, page_size=64, name=role)
