@@ -166,7 +166,9 @@ class LLM:
     return self.tokenizer.decode(list(ids), skip_special_tokens=True)
 
   # -- generation -------------------------------------------------------------------------
-  def _encode(self, prompt, chat_template: bool) -> list[int]:
+  def encode(self, prompt, chat_template: bool = False) -> list[int]:
+    """The token ids generate() runs for `prompt` (text through the tokenizer and, with
+    chat_template, the chat template; token ids checked against the vocabulary)."""
     if isinstance(prompt, str):
       if self.tokenizer is None:
         raise ValueError("text prompts need a tokenizer; pass token ids instead")
@@ -201,7 +203,7 @@ class LLM:
     # failed part-way (e.g. a request that could never fit), not work to resume.
     self.scheduler.waiting.clear()
     for prompt, p in zip(prompts, plist):
-      ids = self._encode(prompt, chat_template)
+      ids = self.encode(prompt, chat_template)
       if not ids:
         raise ValueError("a prompt is empty: it must contain at least one token")
       if len(ids) + p.max_new_tokens > self.max_model_len:

@@ -1,7 +1,8 @@
-"""The benchmark harness on the CPU: prompt sets, the runner with a fake engine (JSON +
-PNG), the exactness check, the roofline arithmetic, and the plot's missing-matplotlib
-message. No model is loaded; the whole file runs in seconds."""
+"""The benchmark harness on the CPU: prompt sets, the runner on the real engine with tiny
+in-memory models (JSON + PNG), the exactness check, the roofline arithmetic and its
+measurements, and the plot's missing-matplotlib message."""
 
+import glob
 import importlib.util
 import json
 import os
@@ -10,12 +11,15 @@ import sys
 import types
 
 import pytest
+from absl import flags
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-from launch import bench, plot, roofline  # noqa: E402
+from bench import checkpoints, config, harness, peer_transformers, plot, report, roofline  # noqa: E402
+from bench.config import BenchConfig  # noqa: E402
+from bench.errors import BenchError  # noqa: E402
 from ssd_jax.data import prompts  # noqa: E402
 
 HAS_MPL = importlib.util.find_spec("matplotlib") is not None
@@ -72,22 +76,69 @@ def test_synthetic_token_ids():
 
 # --------------------------------------------------------------------------- runner
 
+K = 2  # the tiny model drafts for itself: every draft token is accepted, K per round
+
+# The engines, built once per (method, profile) by the harness's own factory and shared by
+# the tests below, which all run batch sizes of one shape bucket (3 and 4 pad to 4) and
+# 32-token prompts: compiling AR's, SD's and SSD's programs takes seconds per method and
+# bucket on a CPU, so every test after the first reuses them.
+ENGINE_CFG = BenchConfig(engine="tiny", k=K, batch_sizes=(4,), max_model_len=128)
+_ENGINES = {}
+
+
+def tiny_engine(method, model=None, draft=None, profile=False):
+  key = (method, profile)
+  if key not in _ENGINES:
+    if "make" not in _ENGINES:
+      _ENGINES["make"] = harness.default_factory(ENGINE_CFG)
+    _ENGINES[key] = _ENGINES["make"](method, model, draft, profile)
+  return _ENGINES[key]
+
+
+class Corrupted:
+  """A real engine whose every output gets its middle token changed, as a broken SD/SSD
+  would: what the harness's exactness check must catch."""
+
+  def __init__(self, llm):
+    self._llm = llm
+
+  def __getattr__(self, name):
+    return getattr(self._llm, name)
+
+  def generate(self, *args, **kwargs):
+    outs = self._llm.generate(*args, **kwargs)
+    for o in outs:
+      n = len(o.token_ids)
+      if n > 2:
+        o.token_ids[n // 2] = (o.token_ids[n // 2] + 1) % self._llm.cfg.vocab_size
+    return outs
+
+
+def corrupting(*methods):
+  def make(method, model, draft, profile):
+    llm = tiny_engine(method, model, draft, profile)
+    return Corrupted(llm) if method in methods else llm
+  return make
+
+
 def _cfg(tmp_path, **kw):
-  base = dict(engine="fake", datasets=("alpaca_like", "prose"), numseqs=3, output_len=12,
-              batch_sizes=(1, 2), bandwidth_gbps=100.0, output_json=str(tmp_path / "r.json"),
+  base = dict(engine="tiny", datasets=("alpaca_like", "prose"), numseqs=3, output_len=12,
+              batch_sizes=(3, 4), prompt_len=32, k=K, bandwidth_gbps=100.0,
+              output_json=str(tmp_path / "r.json"),
               plot=str(tmp_path / "r.png") if HAS_MPL else None, quiet=True)
   base.update(kw)
-  return bench.BenchConfig(**base)
+  return BenchConfig(**base)
 
 
 def test_runner_end_to_end_writes_json_and_png(tmp_path, capsys):
   cfg = _cfg(tmp_path)
-  rc = bench.Runner(cfg).run()
+  rc = harness.Runner(cfg, factory=tiny_engine).run()
   assert rc == 0
   rep = json.loads((tmp_path / "r.json").read_text())
-  assert rep["schema"] == bench.SCHEMA and rep["ok"] and not rep["partial"]
+  assert rep["schema"] == report.SCHEMA and rep["ok"] and not rep["partial"]
   assert len(rep["results"]) == 3 * 2 * 2  # methods x datasets x batch sizes
   assert set(rep["datasets"]) == {"alpaca_like", "prose"}
+  ar = {(r["dataset"], r["batch_size"]): r for r in rep["results"] if r["method"] == "ar"}
   for r in rep["results"]:
     assert r["tokens_per_s"] > 0 and r["output_tokens"] == r["n_prompts"] * 12
     assert r["ttft_s"] is not None and r["round_ms"] > 0 and r["compilations"] == 0
@@ -97,13 +148,16 @@ def test_runner_end_to_end_writes_json_and_png(tmp_path, capsys):
       assert r["speedup_over_ar"] == pytest.approx(1.0)
       assert r["exact_vs_ar"] is None
     else:
-      assert r["speedup_over_ar"] > 1.0
+      base = ar[(r["dataset"], r["batch_size"])]["tokens_per_s"]
+      assert r["speedup_over_ar"] == pytest.approx(r["tokens_per_s"] / base)
       assert r["exact_vs_ar"] == {"checked": 3, "mismatches": 0}
       assert r["mean_accepted"] == pytest.approx(2.0)
     if r["method"] == "ssd":
-      assert r["cache_hit_rate"] == pytest.approx(0.7)
-    # the profiled split pass filled the per-round split
-    assert r["time_split_per_round_ms"] and "verify_ms" in r["time_split_per_round_ms"]
+      assert r["cache_hit_rate"] == pytest.approx(1.0)  # its own draft: every lookup hits
+    # the profiled split pass filled the per-round times (SD's round has two phases)
+    assert r["profiled"]["profiled_round_ms"] > 0 and r["profiled_source"]
+    if r["method"] == "sd":
+      assert {"propose_ms", "verify_ms"} <= set(r["time_split_per_round_ms"])
   assert rep["exactness"].startswith("ok")
   out = capsys.readouterr().out
   assert "exactness vs AR: ok" in out and "ssd" in out
@@ -114,8 +168,8 @@ def test_runner_end_to_end_writes_json_and_png(tmp_path, capsys):
 
 
 def test_mismatch_is_reported_loudly_with_nonzero_exit(tmp_path, capsys):
-  cfg = _cfg(tmp_path, fake_mismatch=("sd",), datasets=("prose",), batch_sizes=(1,), plot=None)
-  rc = bench.Runner(cfg).run()
+  cfg = _cfg(tmp_path, datasets=("prose",), batch_sizes=(4,), plot=None)
+  rc = harness.Runner(cfg, factory=corrupting("sd")).run()
   assert rc == 1
   rep = json.loads((tmp_path / "r.json").read_text())
   assert not rep["ok"] and rep["exactness"].startswith("FAILED")
@@ -132,54 +186,71 @@ def test_a_failing_method_does_not_hide_the_others(tmp_path):
   def factory(method, model, draft, profile):
     if method == "sd":
       raise RuntimeError("draft exploded")
-    return bench.FakeLLM(method=method, profile=profile)
-  cfg = _cfg(tmp_path, datasets=("prose",), batch_sizes=(1,), plot=None)
-  rc = bench.Runner(cfg, factory=factory).run()
+    return tiny_engine(method, model, draft, profile)
+  cfg = _cfg(tmp_path, datasets=("prose",), batch_sizes=(4,), plot=None)
+  rc = harness.Runner(cfg, factory=factory).run()
   assert rc == 3
   rep = json.loads((tmp_path / "r.json").read_text())
   assert {r["method"] for r in rep["results"]} == {"ar", "ssd"}
   assert rep["errors"][0]["method"] == "sd" and "draft exploded" in rep["errors"][0]["error"]
-  assert "sd FAILED" in bench.format_table(rep)
+  assert "sd FAILED" in report.format_table(rep)
 
 
 def test_no_exactness_check_above_temperature_zero(tmp_path):
-  cfg = _cfg(tmp_path, fake_mismatch=("sd",), temperature=0.7, datasets=("prose",),
-             batch_sizes=(1,), plot=None)
-  assert bench.Runner(cfg).run() == 0
+  cfg = _cfg(tmp_path, temperature=0.7, datasets=("prose",), methods=("ar", "sd"),
+             batch_sizes=(4,), plot=None)
+  assert harness.Runner(cfg, factory=corrupting("sd")).run() == 0
   rep = json.loads((tmp_path / "r.json").read_text())
   assert rep["exactness"].startswith("not checked: temperature")
 
 
 def test_random_weights_claims_no_speedup(tmp_path):
-  cfg = _cfg(tmp_path, random_weights=True, datasets=("prose",), batch_sizes=(1,),
+  cfg = _cfg(tmp_path, random_weights=True, datasets=("prose",), batch_sizes=(4,),
              prompt_len=32)
-  assert bench.Runner(cfg).run() == 0
+  assert harness.Runner(cfg, factory=tiny_engine).run() == 0
   rep = json.loads((tmp_path / "r.json").read_text())
-  assert rep["label"] == bench.RANDOM_LABEL
+  assert rep["label"] == report.RANDOM_LABEL
   assert all(r["speedup_over_ar"] is None for r in rep["results"])
   assert rep["datasets"]["prose"]["prompt_len"] == 32
-  assert "RANDOM-WEIGHT TIMING" in bench.format_table(rep)
+  assert "RANDOM-WEIGHT TIMING" in report.format_table(rep)
+
+
+def test_text_prompts_without_a_tokenizer_need_prompt_len(tmp_path):
+  cfg = _cfg(tmp_path, prompt_len=None, datasets=("prose",), methods=("ar",),
+             batch_sizes=(4,), plot=None)
+  assert harness.Runner(cfg, factory=tiny_engine).run() == 3
+  rep = json.loads((tmp_path / "r.json").read_text())
+  assert "--prompt_len" in rep["errors"][0]["error"]
 
 
 def test_config_validation():
-  with pytest.raises(bench.BenchError, match="methods"):
-    bench.BenchConfig(methods=("xx",), engine="fake").validate()
-  with pytest.raises(bench.BenchError, match="dataset"):
-    bench.BenchConfig(datasets=("nope",), engine="fake").validate()
-  with pytest.raises(bench.BenchError, match="draft"):
-    bench.BenchConfig(model="/some/model", methods=("ar", "sd")).validate()
+  with pytest.raises(BenchError, match="methods"):
+    BenchConfig(methods=("xx",), engine="tiny").validate()
+  with pytest.raises(BenchError, match="dataset"):
+    BenchConfig(datasets=("nope",), engine="tiny").validate()
+  with pytest.raises(BenchError, match="draft"):
+    BenchConfig(model="/some/model", methods=("ar", "sd")).validate()
 
 
-def test_cli_exit_code_on_mismatch(tmp_path):
+def test_cli_exit_code_on_mismatch(tmp_path, capsys):
   out = tmp_path / "cli.json"
-  p = subprocess.run(
-      [sys.executable, os.path.join(ROOT, "launch", "bench.py"), "--engine=fake",
-       "--dataset=alpaca_like", "--numseqs=2", "--output_len=8", "--methods=ar,ssd",
-       "--fake_mismatch=ssd", "--bandwidth_gbps=10", f"--output_json={out}"],
-      capture_output=True, text=True, timeout=120, cwd=ROOT)
-  assert p.returncode == 1, p.stderr[-2000:]
-  assert "EXACTNESS FAILURE" in p.stderr
+  fv = flags.FlagValues()  # not absl's global FLAGS: the kernel bench defines like names
+  config.define_flags(fv)
+  fv(["harness", "--engine=tiny", "--dataset=alpaca_like", "--numseqs=4", "--output_len=8",
+      "--methods=ar,ssd", f"--k={K}", "--prompt_len=32", "--batch_size=4",
+      "--bandwidth_gbps=10",
+      f"--output_json={out}"])
+  assert harness.main(fv, factory=corrupting("ssd")) == 1
+  assert "EXACTNESS FAILURE" in capsys.readouterr().err
   assert json.loads(out.read_text())["mismatches"]
+
+
+def test_cli_help_lists_the_flags():
+  p = subprocess.run([sys.executable, os.path.join(ROOT, "bench", "harness.py"), "--help"],
+                     capture_output=True, text=True, timeout=120, cwd=ROOT,
+                     env=dict(os.environ, PYTHONPATH=ROOT))
+  # absl exits 1 after printing the help
+  assert "--engine" in p.stdout and "--bandwidth_gbps" in p.stdout, p.stdout + p.stderr
 
 
 # --------------------------------------------------------------------------- roofline
@@ -239,6 +310,21 @@ def test_mesh_devices():
 def test_measure_copy_bandwidth_small():
   bw = roofline.measure_copy_bandwidth(nbytes=4 << 20, reps=3)
   assert bw["bandwidth_Bps"] > 0 and bw["bytes_moved"] == 2 * (4 << 20)
+  assert bw["bandwidth_Bps"] == max(bw["copy_Bps"], bw["elementwise_Bps"])
+
+
+def test_measure_read_bandwidth_small():
+  bw = roofline.measure_read_bandwidth(nbytes=4 << 20, reps=3)
+  assert bw["bandwidth_Bps"] > 0 and bw["bytes_read"] == 4 << 20
+  assert bw["method"].startswith("read: jitted jnp.sum")
+
+
+def test_table_labels_the_read_ceiling_and_the_copy_figure():
+  rep = {"results": [], "roofline": {
+      "bandwidth": {"bandwidth_Bps": 4.59e12, "kind": "read"},
+      "copy_bandwidth": {"bandwidth_Bps": 3.36e12, "kind": "copy"}}}
+  head = report.format_table(rep).splitlines()[0]
+  assert head.startswith("read ceiling 4590 GB/s") and "copy, read + written: 3360" in head
 
 
 # --------------------------------------------------------------------------- plot
@@ -253,9 +339,10 @@ def test_plot_without_matplotlib_says_how_to_fix(monkeypatch, tmp_path):
 
 @pytest.mark.skipif(not HAS_MPL, reason="matplotlib not installed")
 def test_plot_with_peer_and_table(tmp_path, capsys):
-  cfg = _cfg(tmp_path, datasets=("prose",), batch_sizes=(1,), plot=None, random_weights=True,
-             prompt_len=16)
-  bench.Runner(cfg).run()
+  # batch 1 and AR only: the table compares our AR with the peer's at batch 1
+  cfg = _cfg(tmp_path, datasets=("prose",), methods=("ar",), batch_sizes=(1,), plot=None,
+             random_weights=True)
+  harness.Runner(cfg, factory=tiny_engine).run()
   peer = {"schema": "ssd_jax.peer/1", "random_weights": True, "results": [
       {"method": "ar", "dataset": "prose", "batch_size": 1, "tokens_per_s": 50.0,
        "ms_per_token": 20.0, "ttft_s": 0.01, "mode": "eager", "token_ids": [[1, 2, 3]]},
@@ -272,19 +359,15 @@ def test_plot_with_peer_and_table(tmp_path, capsys):
 
 # --------------------------------------------------------------------------- scripts
 
-def test_run_gpu_script_parses():
-  p = subprocess.run(["bash", "-n", os.path.join(ROOT, "bench", "run_gpu.sh")],
-                     capture_output=True, text=True)
+@pytest.mark.parametrize("script", sorted(glob.glob(os.path.join(ROOT, "bench", "gpu", "*.sh"))))
+def test_gpu_scripts_parse(script):
+  p = subprocess.run(["bash", "-n", script], capture_output=True, text=True)
   assert p.returncode == 0, p.stderr
 
 
 def test_peer_prompt_ids_without_torch_model():
-  spec = importlib.util.spec_from_file_location(
-      "_peer", os.path.join(ROOT, "launch", "peer_transformers.py"))
-  peer = importlib.util.module_from_spec(spec)
-  spec.loader.exec_module(peer)
   args = types.SimpleNamespace(all=False, dataset="alpaca_like", numseqs=2, prompt_len=64)
-  sets = peer._prompt_ids(args, None, 128256)
+  sets = peer_transformers._prompt_ids(args, None, 128256)
   (name, info, ids), = sets
   assert name == "alpaca_like" and len(ids) == 2 and all(len(x) == 64 for x in ids)
   # the same ids the bench feeds our engine
@@ -299,11 +382,12 @@ def test_random_checkpoint_is_written_once_and_reused(tmp_path, monkeypatch):
                      num_layers=1, num_heads=2, num_kv_heads=1, head_dim=8)
   monkeypatch.setitem(random_init.REAL_SHAPES, "tiny-test", tiny)
   logs = []
-  d = bench.ensure_random_checkpoint("tiny-test", str(tmp_path), seed=3, log=logs.append)
+  d = checkpoints.ensure_random_checkpoint("tiny-test", str(tmp_path), seed=3,
+                                          log=logs.append)
   assert os.path.isfile(os.path.join(d, "config.json"))
   assert ModelConfig.from_dir(d).num_params == tiny.num_params
-  assert bench.ensure_random_checkpoint("tiny-test", str(tmp_path), seed=3,
-                                        log=logs.append) == d
+  assert checkpoints.ensure_random_checkpoint("tiny-test", str(tmp_path), seed=3,
+                                              log=logs.append) == d
   assert "wrote" in logs[0] and "reusing" in logs[1]
-  with pytest.raises(bench.BenchError, match="unknown shape"):
-    bench.ensure_random_checkpoint("no-such-model", str(tmp_path))
+  with pytest.raises(BenchError, match="unknown shape"):
+    checkpoints.ensure_random_checkpoint("no-such-model", str(tmp_path))

@@ -1,4 +1,4 @@
-"""Kernel counting from optimized HLO text (launch/ssd_timing.py's per-program report)."""
+"""Kernel counting from optimized HLO text (bench/probes/ssd_timing.py's per-program report)."""
 
 import os
 import sys
@@ -10,7 +10,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-from launch.hlo_stats import compiled_stats, kernel_counts  # noqa: E402
+from bench.probes.hlo_stats import compiled_stats, kernel_counts  # noqa: E402
 
 
 def test_loops_are_expanded_and_conditionals_bounded():

@@ -1,5 +1,5 @@
-"""The kernel benchmark's timing harness (launch/kernel_bench.py): what each timed program
-reads, so that its numbers mean what bench/KERNELS.md says they mean."""
+"""The kernel benchmark's timing harness (bench/probes/kernel_bench.py): what each timed
+program reads, so that its numbers mean what bench/KERNELS.md says they mean."""
 
 import os
 import sys
@@ -14,7 +14,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
   sys.path.insert(0, ROOT)
 
-from launch import kernel_bench  # noqa: E402
+from bench.probes import kernel_bench  # noqa: E402
 
 FLAGS = flags.FLAGS
 
@@ -40,7 +40,7 @@ def test_pool_copies_cover_rotate_mb_but_not_more_than_the_calls():
 
 def test_read_floor_reads_every_pool_once_per_call():
   """Each call reduces its pool's K and V; no reduction is shared between two calls that
-  read the same copy (an earlier version let XLA share the V sums, halving the floor)."""
+  read the same copy (XLA could otherwise share the V sums, halving the floor)."""
   inner = 6
   kvs = [(jnp.full((8, 4), i, jnp.bfloat16), jnp.full((8, 4), -i, jnp.bfloat16))
          for i in range(2)]

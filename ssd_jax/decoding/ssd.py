@@ -16,7 +16,7 @@ reads finished tokens with a lag, so nothing on the critical path waits on it.
 
 Each mesh has its own host thread, as each side of SSD has its own process in the paper's
 engine. At batch 1 dispatching a program costs the host about 2.5 us per kernel (hundreds
-of kernels per step; measured on an H200 with launch/ssd_timing.py), so one thread
+of kernels per step; measured on an H200 with bench/probes/ssd_timing.py), so one thread
 dispatching verify, lookup and build in turn made the host, not either GPU, the slowest
 part of a round for small models. The caller's thread runs the target's side:
 
@@ -36,7 +36,7 @@ host (it copies the predicate back and blocks the dispatching thread until the d
 there, i.e. until the verification is done) unless the control flow is inside a CUDA graph.
 So the fallback is one `lax.while_loop` of 0 or K trips, and the lookup is compiled with
 runner.COMMAND_BUFFER_MODES["max"] (loops in graphs) unless the user turned graphs off.
-Measured on jax 0.11.2 (launch/dispatch_probe.py and launch/ssd_timing.py, bench/RESULTS.md):
+Measured on jax 0.11.2 (bench/probes/dispatch_probe.py and ssd_timing.py, bench/RESULTS.md):
 a `lax.cond` around a loop is never put in a graph, one around straight-line code is with
 those options, but its unrolled K steps made the lookup program 6x larger to dispatch;
 the loop form was the fastest hit round for the 8B and the 135M pairs alike.

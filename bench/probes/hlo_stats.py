@@ -186,6 +186,6 @@ def compiled_stats(jitted, *args, **kwargs) -> dict:
   return kernel_counts(jitted.lower(*args, **kwargs).compile().as_text())
 
 
-if __name__ == "__main__":  # python launch/hlo_stats.py < module.txt
+if __name__ == "__main__":  # python bench/probes/hlo_stats.py < module.txt
   import sys
   print(json.dumps(kernel_counts(sys.stdin.read()), indent=1))

@@ -13,7 +13,7 @@ without the rest of a round around it:
 
 For each program and each XLA command-buffer mode (runner.COMMAND_BUFFER_MODES: "default",
 "off" = every kernel launched by the host, "max" = loops/conditionals in CUDA graphs too)
-it reports the kernels of one call (launch/hlo_stats.py, from the optimized HLO) and
+it reports the kernels of one call (bench/probes/hlo_stats.py, from the optimized HLO) and
 three times, all host-measured:
 
   ms            per call, `iters` calls queued back to back, then one wait (throughput);
@@ -21,13 +21,10 @@ three times, all host-measured:
                 is close to ms, the host launching kernels is the bottleneck (launch-bound);
   latency_ms    one call and a wait, median (what a round pays when it waits).
 
-Used by launch/ssd_timing.py (`--runs ...,steps`) and runnable alone:
+Used by bench/probes/ssd_timing.py (`--runs ...,steps`) and runnable alone:
 
-  python launch/step_programs.py --target llama-3.1-8b --draft llama-3.2-1b --draft_devices 1
-
-Programs named *_unfused run the same step on a model built with fused_projections=False
-(HF's separate k/v and gate/up GEMMs, the layout before they were stacked): the same run
-then shows what the fusion changed, in kernels and in time.
+  PYTHONPATH=$PWD python bench/probes/step_programs.py --target llama-3.1-8b \
+      --draft llama-3.2-1b --draft_devices 1
 """
 
 from __future__ import annotations
@@ -38,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from hlo_stats import kernel_counts  # launch/, next to this script
+from bench.probes.hlo_stats import kernel_counts
 from ssd_jax.engine.runner import COMMAND_BUFFER_MODES, ModelRunner, slot_mapping
 from ssd_jax.models.transformer import AttentionInputs, TreeScratch, init_tree_scratch
 from ssd_jax.sharding.rules import TREE_SCRATCH_AXES, sharding_for
@@ -188,20 +185,17 @@ def main(argv):
   F = flags.FLAGS
   tmesh, dmesh = make_meshes(MeshSpec.parse(F.mesh), F.draft_devices)
   impl = resolve_impl(F.attention)
-  res = {}
-  for fused in (True, False) if F.unfused else (True,):
-    runners = []
-    for name, mesh, seed in ((F.target, tmesh, 0), (F.draft, dmesh or tmesh, 1)):
-      model = random_model(REAL_SHAPES[name], dtype=jnp.dtype(F.dtype), mesh=mesh,
-                           seed=seed, attention_impl=impl, fused_projections=fused)
-      pages = _pages(F.batch, F.context + (F.k + 1) * F.f + F.k + 2, 64)[1] + 1
-      runners.append(ModelRunner(model, mesh, num_pages=pages, page_size=64, name=name))
-    progs = build_programs(*runners, batch=F.batch, k=F.k, f=F.f, context=F.context,
-                           names=tuple(F.programs), suffix="" if fused else "_unfused")
-    del runners, model
-    modes = tuple(F.command_buffers) if fused else tuple(F.command_buffers)[:1]
-    res.update(measure(progs, modes, F.iters))
-    del progs
+  runners = []
+  for name, mesh, seed in ((F.target, tmesh, 0), (F.draft, dmesh or tmesh, 1)):
+    model = random_model(REAL_SHAPES[name], dtype=jnp.dtype(F.dtype), mesh=mesh,
+                         seed=seed, attention_impl=impl)
+    pages = _pages(F.batch, F.context + (F.k + 1) * F.f + F.k + 2, 64)[1] + 1
+    runners.append(ModelRunner(model, mesh, num_pages=pages, page_size=64, name=name))
+  progs = build_programs(*runners, batch=F.batch, k=F.k, f=F.f, context=F.context,
+                         names=tuple(F.programs))
+  del runners, model
+  res = measure(progs, tuple(F.command_buffers), F.iters)
+  del progs
   if F.output_json:
     with open(F.output_json, "w") as fh:
       json.dump(res, fh, indent=1)
@@ -228,7 +222,5 @@ if __name__ == "__main__":
   flags.DEFINE_list("programs", list(PROGRAMS), "Which programs.")
   flags.DEFINE_list("command_buffers", ["default", "off", "max"], "XLA command-buffer modes.")
   flags.DEFINE_integer("iters", 50, "Calls per timing.")
-  flags.DEFINE_bool("unfused", True, "Also time the programs of unfused-projection models "
-                    "(first command-buffer mode only).")
   flags.DEFINE_string("output_json", None, "Write the results here.")
   app.run(main)

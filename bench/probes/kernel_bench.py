@@ -9,19 +9,21 @@ and lse), and times the kernel: one jitted function runs it `--inner` times back
 median over `--repeats` runs, divided by `--inner`, is the time per call. Consecutive calls
 read different copies of the pool (`--rotate_mb`), so a pool smaller than the L2 cache is
 read from memory, as it is in a model. GB/s is bytes over that time; "copy%" is that over
-the measured device copy bandwidth (max of a device-to-device array copy and an
-elementwise pass, bytes read + written). "read" is XLA's time to merely read the same
-pools (a reduction per call, timed the same way) over the kernel's: the floor that fixed
-per-launch costs put under a call of this size. TF/s counts the useful matmul work (QK and
+the measured device copy bandwidth (bench/roofline.py: the better of an array copy and an
+elementwise pass, bytes read + written; the read ceiling is recorded beside it). "read"
+is XLA's time to merely read the same pools (a reduction per call, timed the same way)
+over the kernel's: the floor that fixed per-launch costs put under a call of this size. TF/s counts the useful matmul work (QK and
 PV over the visible positions only), to tell rows limited by arithmetic (big trees) from
 rows limited by bytes or by latency.
 
-  python launch/kernel_bench.py                         # the default table
-  python launch/kernel_bench.py --shapes=70b --contexts=4096 --batches=8 --modes=decode
-  python launch/kernel_bench.py --rows="70b:tree:32:4096 70b:decode,verify:1,8:16384"
-  python launch/kernel_bench.py --check --check_set=quick  # correctness vs the reference
-  python launch/kernel_bench.py --sweep --shapes=8b --contexts=4096 --batches=1,8
-  python launch/kernel_bench.py --rows=none --sweep_plan="8b:decode:8:4096@splits;70b:tree:8:4096@tiles"
+  (from the repository root, with PYTHONPATH=$PWD)
+  python bench/probes/kernel_bench.py                   # the default table
+  python bench/probes/kernel_bench.py --shapes=70b --contexts=4096 --batches=8 --modes=decode
+  python bench/probes/kernel_bench.py --rows="70b:tree:32:4096 70b:decode,verify:1,8:16384"
+  python bench/probes/kernel_bench.py --check --check_set=quick  # vs the reference
+  python bench/probes/kernel_bench.py --sweep --shapes=8b --contexts=4096 --batches=1,8
+  python bench/probes/kernel_bench.py --rows=none \
+      --sweep_plan="8b:decode:8:4096@splits;70b:tree:8:4096@tiles"
 
 Row specs are `shape:mode:batch:context`, each field a comma list (their product is
 taken); several specs are separated by spaces or `;`. Configs are comma lists of
@@ -55,6 +57,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from bench import roofline
+from bench.probes.kernel_check import check, plan_str, with_merge
 from ssd_jax.kernels import pallas_attention, reference
 
 SHAPES = {  # name: (q heads, kv heads, head_dim)
@@ -123,8 +127,8 @@ def _cfgs(text):
 
 PRESETS = {
     "default": lambda: [{}],
-    # Split counts (8b decode B=8 ctx 4k: 8 auto in run 2, 9 in run 1), the XLA merge
-    # (the previous kernel's merge) and no split at all.
+    # Split counts around the automatic choice (8b decode B=8 ctx 4k picks 8 or 9), the
+    # merge done by XLA instead of the merge kernel, and no split at all.
     "splits": lambda: _cfgs("/merge=xla/sp=1/sp=2/sp=4/sp=6/sp=8/sp=9/sp=12/sp=16/sp=24/"
                             "sp=32"),
     # Tiles for big row counts (70b verify: 64 rows, 8 warps by default; 70b tree: 192 rows
@@ -132,7 +136,7 @@ PRESETS = {
     # narrower K blocks, 3 tiles of 64 rows, one tile of 256 rows.
     "tiles": lambda: _cfgs("/w=4/st=2/st=4/k=32/k=128,st=2/k=128,w=4,st=2/r=64/r=64,w=4/"
                            "r=256,k=32/r=256,k=32,st=2"),
-    # The earlier generic grid.
+    # A generic grid over block_k, warps, stages, splits and tile rows.
     "all": lambda: _cfgs("k=32,w=4,st=3/k=64,w=4,st=2/k=64,w=4,st=3/k=64,w=4,st=4/"
                          "k=64,w=8,st=3/k=128,w=4,st=3/k=128,w=8,st=2/sp=1/sp=2/sp=4/sp=8/"
                          "sp=16/sp=32/sp=64/r=32/r=64"),
@@ -240,27 +244,6 @@ def plan_of(shape, batch, ctx, nq, ps, dtype, kw):
   return with_merge(plan, kw.get("merge"))
 
 
-def with_merge(plan, merge):
-  """The plan as run with `merge` (None: the merge kernel): the merge kernel's fields only
-  where that kernel runs."""
-  if plan["num_splits"] > 1 and merge == "xla":
-    plan = {k: v for k, v in plan.items() if not k.startswith("merge_")}
-    plan["merge"] = "xla"
-  return plan
-
-
-def plan_str(p):
-  if "error" in p:
-    return "plan error"
-  s = f"r{p['tile']}x{p['n_tiles']} k{p['block_k']} w{p['num_warps']} st{p['num_stages']} "
-  s += f"sp{p['num_splits']}"
-  if "merge_rows" in p:
-    s += f" m{p['merge_rows']}"
-  elif p.get("merge") == "xla":
-    s += " mxla"
-  return s
-
-
 # ----------------------------------------------------------------------------- timing
 
 
@@ -273,28 +256,6 @@ def _time(fn, args, repeats):
     jax.block_until_ready(fn(*args))
     samples.append(time.perf_counter() - t0)
   return statistics.median(samples)
-
-
-def copy_bandwidth(nbytes=None, repeats=20, warmup_s=1.0):
-  """Bytes read + written per second by a large copy (the better of two ways to copy),
-  after `warmup_s` of copying so that the GPU's clocks have ramped up (a cold start once
-  read 19% low here)."""
-  if nbytes is None:
-    nbytes = (1 << 30) if jax.default_backend() != "cpu" else (64 << 20)
-  n = nbytes // 4
-  x = jnp.arange(n, dtype=jnp.float32)
-  res = {}
-  for name, f in (("copy", jax.jit(lambda a: jnp.copy(a))),
-                  ("elementwise", jax.jit(lambda a: a * 1.0001 + 1.0))):
-    jax.block_until_ready(f(x))
-    t_end = time.perf_counter() + warmup_s / 2
-    while time.perf_counter() < t_end:
-      jax.block_until_ready(f(x))
-    t = _time(f, (x,), repeats)
-    res[name] = 2 * n * 4 / t
-  res["best"] = max(res["copy"], res["elementwise"])
-  del x
-  return res
 
 
 def inner_calls(nbytes):
@@ -336,8 +297,8 @@ def looped(attn, inner):
   attn = jax.jit(attn)
 
   def run(q, kvs, pt, lim):
-    # Nothing else runs between the calls (an earlier version summed each call's lse
-    # here: one more small kernel per call, timed as the kernel's).
+    # Nothing else runs between the calls: anything here (summing each call's lse, say)
+    # would be one more small kernel per call, timed as the kernel's.
     for i in range(inner):
       k, v = kvs[i % len(kvs)]
       q, lse = attn(q, k, v, pt, lim)
@@ -544,135 +505,21 @@ def sweep(bw, results, plan):
   return results
 
 
-# ----------------------------------------------------------------------------- check
-
-
-# (dtype, Q, Hq, Hkv, head_dim, page_size, splits, extra): extra may set block_k,
-# block_rows, num_warps, merge, and ctx (tokens of page table per sequence, default ~700).
-def check_cases(which):
-  cases = []
-  shapes = ((1, 8, 8, 64, 16), (1, 32, 8, 128, 64), (1, 64, 8, 128, 256), (8, 32, 8, 128, 16),
-            (8, 16, 2, 64, 64), (24, 32, 8, 128, 64), (24, 8, 8, 64, 16),
-            (24, 64, 8, 128, 32), (200, 8, 2, 128, 64))
-  for i, shp in enumerate(shapes):
-    cases.append(("bfloat16", *shp, (None, 3)[i % 2], {}))
-    cases.append(("float32", *shp, (3, None)[i % 2], {}))
-  cases.append(("bfloat16", 1, 32, 8, 128, 16, None, dict(block_k=64)))  # gathered pages
-  cases.append(("bfloat16", 24, 32, 8, 128, 16, 2, dict(block_k=128)))
-  cases.append(("bfloat16", 1, 32, 8, 128, 256, 2, dict(block_k=64)))  # quarter pages
-  cases.append(("float32", 8, 16, 2, 64, 64, None, dict(block_k=32)))
-  # The merge kernel and the split policy: the most splits (32), a split count that is
-  # not a power of two merged in Pallas and in XLA, a short table (auto: no split), the
-  # draft's shape (9 rows per query: the merge takes one row per program), and the tile
-  # knobs the `tiles` sweep tries on 70b verify / tree.
-  new = [
-      ("float32", 1, 32, 8, 128, 16, 32, dict(ctx=2100)),
-      ("bfloat16", 1, 32, 8, 128, 64, 5, dict(merge="xla")),
-      ("bfloat16", 1, 32, 8, 128, 64, 5, {}),
-      ("bfloat16", 1, 32, 8, 128, 64, None, dict(ctx=400)),
-      ("bfloat16", 1, 9, 3, 64, 64, 3, {}),
-      ("float32", 8, 64, 8, 128, 64, None, {}),
-      ("bfloat16", 8, 64, 8, 128, 64, None, dict(block_k=128, num_warps=4)),
-      ("bfloat16", 24, 64, 8, 128, 64, None, dict(block_rows=64, num_warps=4)),
-      ("bfloat16", 24, 64, 8, 128, 64, 2, dict(block_rows=256, block_k=32)),
-  ]
-  if which == "quick":
-    # The default paths the merge kernel and the split policy touch: auto splits for GQA
-    # decode (merge of 1 row per program) and for a two-tile 70b tree (16 rows per merge
-    # program), 32 splits, 5 splits, a short table (no split), the draft's shape.
-    return [cases[3], cases[15]] + new[:1] + new[2:5]
-  return cases + new
-
-
-def check():
-  """Compiled kernel vs reference: every mode, dtypes, head dims, page sizes, GQA groups,
-  ragged limits, shuffled pages, poisoned unused pages and slots, kv_limit == 0 rows."""
-  rng = np.random.default_rng(0)
-  cases = check_cases(FLAGS.check_set)
-  failures = done = 0
-  for n, c in enumerate(cases, 1):
-    dtype, nq, hq, hkv, d, ps, splits, extra = c
-    extra = dict(extra)
-    ctx = extra.pop("ctx", 700)
-    tag = (f"{dtype} Q={nq} Hq={hq} Hkv={hkv} D={d} ps={ps} splits={splits} ctx~{ctx} "
-           f"{extra}")
-    if out_of_time():
-      print(f"{progress(n, len(cases))} check skip {tag}: time budget spent", flush=True)
-      _OUT.setdefault("check", []).append(dict(case=tag, skipped=True))
-      continue
-    b, pages_per_seq = 3, max(2, ctx // ps + 1)
-    dt = jnp.dtype(dtype)
-    num_pages = b * pages_per_seq + 5
-    q = rng.standard_normal((b, nq, hq, d)).astype(np.float32)
-    k = rng.standard_normal((num_pages, ps, hkv, d)).astype(np.float32)
-    v = rng.standard_normal((num_pages, ps, hkv, d)).astype(np.float32)
-    pt = rng.permutation(num_pages)[:b * pages_per_seq].reshape(b, pages_per_seq)
-    cap = pages_per_seq * ps
-    base = np.array([cap, rng.integers(1, cap), 0])
-    if nq == 1:
-      lim = base[:, None]
-    else:
-      lim = np.maximum(0, base[:, None] - rng.integers(0, nq, (b, nq)))
-      lim[2] = 0
-    clean_k, clean_v = k.copy(), v.copy()
-    used = np.zeros((num_pages, ps), bool)
-    for i in range(b):
-      m = int(lim[i].max())
-      for p in range(pages_per_seq):
-        lo = p * ps
-        used[pt[i, p], :max(0, min(ps, m - lo))] = True
-    k[~used] = np.nan
-    v[~used] = np.nan
-    clean_k[~used] = 0.0
-    clean_v[~used] = 0.0
-    args = [jnp.asarray(x, dt) for x in (q, k, v)] + [jnp.asarray(pt, jnp.int32),
-                                                       jnp.asarray(lim, jnp.int32)]
-    ref_args = [jnp.asarray(x, dt) for x in (q, clean_k, clean_v)] + args[3:]
-    scale = d ** -0.5
-    plan = pallas_attention.launch_plan(
-        q.shape, k.shape, pages_per_seq, dt, num_splits=splits,
-        interpret=jax.default_backend() != "gpu",
-        **{key: val for key, val in extra.items() if key != "merge"})
-    plan = with_merge(plan, extra.get("merge"))
-    try:
-      attn = jax.jit(functools.partial(pallas_attention.paged_attention, scale=scale,
-                                       num_splits=splits, **extra))
-      o, lse = attn(*args)
-      with jax.default_matmul_precision("highest"):  # no TF32 in the float32 reference
-        ro, rlse = jax.jit(functools.partial(reference.paged_attention, scale=scale))(
-            *ref_args)
-      o, ro = np.asarray(o, np.float32), np.asarray(ro, np.float32)
-      err = np.linalg.norm(o - ro) / np.linalg.norm(ro)
-      lse_ok = np.allclose(np.asarray(lse), np.asarray(rlse), rtol=1e-4, atol=1e-3)
-      empty_ok = bool(np.all(o[lim == 0] == 0.0))
-      tol = 1e-5 if dtype == "float32" else 2e-2
-      # Splits run concurrently and are merged afterwards: the same inputs must give
-      # bitwise the same outputs every time (a race would move them).
-      stable = True
-      if plan["num_splits"] > 1:
-        for _ in range(FLAGS.race_repeats):
-          o2, lse2 = attn(*args)
-          stable &= bool(np.array_equal(np.asarray(o2, np.float32), o)
-                         and np.array_equal(np.asarray(lse2), np.asarray(lse)))
-      ok = err < tol and lse_ok and empty_ok and np.isfinite(o).all() and stable
-      _OUT.setdefault("check", []).append(dict(case=tag, ok=bool(ok), rel_err=float(err),
-                                               lse_ok=bool(lse_ok), stable=stable, plan=plan))
-      print(f"{progress(n, len(cases))} check {'OK  ' if ok else 'FAIL'} {tag} "
-            f"[{plan_str(plan)}]: rel err {err:.2e} lse ok {lse_ok} empty rows 0 {empty_ok}"
-            f" repeatable {stable}", flush=True)
-    except Exception as e:  # pylint: disable=broad-except
-      ok = False
-      _OUT.setdefault("check", []).append(dict(case=tag, ok=False, plan=plan,
-                                               error=f"{type(e).__name__}: {str(e)[:300]}"))
-      print(f"{progress(n, len(cases))} check FAIL {tag}: {type(e).__name__}: "
-            f"{str(e)[:1500]}", flush=True)
-    failures += not ok
-    done += 1
-  print(f"check: {done - failures}/{done} passed ({len(cases) - done} skipped)", flush=True)
-  return failures
-
-
 _OUT = {}
+
+
+def ceilings(suffix: str) -> float:
+  """Measures the copy bandwidth (bytes read + written: the copy% column's denominator)
+  and the read ceiling (a reduction, the roofline's figure) into _OUT; returns the copy
+  bandwidth."""
+  copy = roofline.measure_copy_bandwidth(reps=20)
+  read = roofline.measure_read_bandwidth(reps=20)
+  _OUT["copy_bandwidth" + suffix], _OUT["read_bandwidth" + suffix] = copy, read
+  print(f"copy bandwidth{' at the end' if suffix else ''}: "
+        f"{copy['bandwidth_Bps'] / 1e9:.0f} GB/s (copy {copy['copy_Bps'] / 1e9:.0f}, "
+        f"elementwise {copy['elementwise_Bps'] / 1e9:.0f}); read ceiling "
+        f"{read['bandwidth_Bps'] / 1e9:.0f} GB/s", flush=True)
+  return copy["bandwidth_Bps"]
 
 
 def main(argv):
@@ -693,27 +540,24 @@ def main(argv):
         flush=True)
   _OUT["info"] = info
   if FLAGS.check:
-    _OUT["check_failures"] = check()
+    _OUT["check_failures"] = check(FLAGS.check_set, FLAGS.race_repeats, _OUT, out_of_time,
+                                   progress)
     _save(_OUT)
   if not table_rows and not plan:
     if _OUT.get("check_failures"):
       sys.exit(f"check: {_OUT['check_failures']} case(s) failed")
     return
-  bw = copy_bandwidth()
-  _OUT["copy_bandwidth"] = bw
-  print(f"copy bandwidth: {bw['best'] / 1e9:.0f} GB/s (copy {bw['copy'] / 1e9:.0f}, "
-        f"elementwise {bw['elementwise'] / 1e9:.0f})", flush=True)
+  bw = ceilings("")
   if table_rows:
     print(HEADER, flush=True)
     _OUT["rows"] = []
-    bench_table(bw["best"], _OUT["rows"], table_rows)
+    bench_table(bw, _OUT["rows"], table_rows)
   if plan:
     _OUT["sweep"] = []
-    sweep(bw["best"], _OUT["sweep"], plan)
+    sweep(bw, _OUT["sweep"], plan)
   # Measured again at the end, warm: fractions above used the first measurement.
-  _OUT["copy_bandwidth_end"] = copy_bandwidth()
-  print(f"copy bandwidth at the end: {_OUT['copy_bandwidth_end']['best'] / 1e9:.0f} GB/s "
-        f"({elapsed():.0f}s in all)", flush=True)
+  ceilings("_end")
+  print(f"{elapsed():.0f}s in all", flush=True)
   _save(_OUT)
   if _OUT.get("check_failures"):
     sys.exit(f"check: {_OUT['check_failures']} case(s) failed")

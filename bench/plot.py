@@ -1,10 +1,12 @@
 r"""Plot and tabulate benchmark JSON: tokens/s per method per dataset, and speed-up over AR.
 
-  python launch/plot.py --bench out/bench.json [--peer out/peer.json] --out out/bench.png
-  python launch/plot.py --bench out/bench.json --peer out/peer.json --table   # table only
+  PYTHONPATH=$PWD python bench/plot.py --bench out/bench.json [--peer out/peer.json] \
+      --out out/bench.png
+  PYTHONPATH=$PWD python bench/plot.py --bench out/bench.json --peer out/peer.json --table
 
 Random-weight results ('random-weight timing') get no speed-up panel values: acceptance
-from random weights is meaningless, so the panel says so instead.
+from random weights is meaningless, so the panel says so instead. `plot_runs` draws the
+bar chart of bench/probes/ssd_timing.py's runs.
 """
 
 from __future__ import annotations
@@ -13,18 +15,26 @@ import json
 import os
 import sys
 
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-if _ROOT not in sys.path:
-  sys.path.insert(0, _ROOT)
+from bench.report import fmt, format_table
 
 MISSING_MATPLOTLIB = ("matplotlib is not installed, so no plot was written (the JSON "
                       "results are complete). Install it with `pip install matplotlib`, or "
-                      "plot later on another machine: python launch/plot.py --bench X.json "
+                      "plot later on another machine: python bench/plot.py --bench X.json "
                       "--out X.png")
 
 
 class PlotUnavailable(RuntimeError):
   pass
+
+
+def _pyplot():
+  try:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+  except ImportError:
+    raise PlotUnavailable(MISSING_MATPLOTLIB) from None
+  return plt
 
 
 def _series(report: dict | None, peer: dict | None):
@@ -59,13 +69,17 @@ def peer_roofline_fraction(report: dict | None, r: dict) -> float | None:
   return None
 
 
+def _save(fig, plt, out_path: str, dpi: int) -> str:
+  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+  fig.savefig(out_path, dpi=dpi)
+  plt.close(fig)
+  return out_path
+
+
 def plot(report: dict | None, out_path: str, peer: dict | None = None) -> str:
-  try:
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-  except ImportError:
-    raise PlotUnavailable(MISSING_MATPLOTLIB) from None
+  """The harness's PNG: tokens/s per method and dataset, and the speed-up over AR (or,
+  for random weights, the achieved roofline fraction)."""
+  plt = _pyplot()
   rows = [s for s in _series(report, peer) if s[3]]
   if not rows:
     raise PlotUnavailable("nothing to plot: no result has a tokens/s value")
@@ -124,19 +138,37 @@ def plot(report: dict | None, out_path: str, peer: dict | None = None) -> str:
   cfg = (report or peer or {}).get("config", {})
   name = lambda p: os.path.basename(str(p).rstrip("/")) if p else None  # noqa: E731
   model = cfg.get("model_shape") or name(cfg.get("model")) or (
-      "FAKE ENGINE" if cfg.get("engine") == "fake" else "embedded default")
+      "tiny in-memory model" if cfg.get("engine") == "tiny" else "embedded default")
   draft = cfg.get("draft_shape") or name(cfg.get("draft")) or "-"
   fig.suptitle(f"target {model}, draft {draft}, K={cfg.get('k', '?')}, F={cfg.get('f', '?')}, "
                f"{cfg.get('dtype', '?')}, {cfg.get('output_len', '?')} new tokens", fontsize=10)
   fig.tight_layout()
-  os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
-  fig.savefig(out_path, dpi=110)
-  plt.close(fig)
-  return out_path
+  return _save(fig, plt, out_path, 110)
 
 
-def _fmt(x, spec):
-  return "-" if x is None else format(x, spec)
+def plot_runs(results: dict, out_path: str, peer: dict | None = None) -> str:
+  """bench/probes/ssd_timing.py's bar chart: decode tokens/s of each run, and the
+  transformers peer's AR beside them."""
+  plt = _pyplot()
+  names, values = [], []
+  for name, m in results["runs"].items():
+    if "decode_tokens_per_s" in m:
+      names.append(name)
+      values.append(m["decode_tokens_per_s"])
+  for row in (peer or {}).get("results", []):
+    if row.get("method") == "ar" and row.get("decode_tokens_per_s"):
+      names.append("transformers AR")
+      values.append(row["decode_tokens_per_s"])
+      break
+  fig, ax = plt.subplots(figsize=(8, 3.6))
+  bars = ax.bar(names, values, color=["#4c72b0"] * len(names))
+  ax.bar_label(bars, labels=[f"{v:.0f}" for v in values])
+  ax.set_ylabel("decode tokens/s")
+  ax.set_title(f"{results['target']} target, {results['draft']} draft, batch "
+               f"{results['batch']}, K={results['k']} (random-weight timing)", fontsize=9)
+  plt.setp(ax.get_xticklabels(), rotation=15, fontsize=8)
+  fig.tight_layout()
+  return _save(fig, plt, out_path, 120)
 
 
 def peer_table(peer: dict, report: dict | None = None) -> str:
@@ -144,11 +176,11 @@ def peer_table(peer: dict, report: dict | None = None) -> str:
            f"{'roofline':>9}{'TTFT ms':>9}  mode"]
   for r in peer.get("results", []):
     lines.append(f"{'hf-' + r['method'] + ' ' + r.get('dataset', ''):<22}"
-                 f"{r.get('batch_size', 1):>3}{_fmt(r.get('tokens_per_s'), '.1f'):>9}"
-                 f"{_fmt(r.get('decode_tokens_per_s'), '.1f'):>10}"
-                 f"{_fmt(r.get('ms_per_token'), '.2f'):>10}"
-                 f"{_fmt(peer_roofline_fraction(report, r), '.2f'):>9}"
-                 f"{_fmt(None if r.get('ttft_s') is None else 1e3 * r['ttft_s'], '.1f'):>9}"
+                 f"{r.get('batch_size', 1):>3}{fmt(r.get('tokens_per_s'), '.1f'):>9}"
+                 f"{fmt(r.get('decode_tokens_per_s'), '.1f'):>10}"
+                 f"{fmt(r.get('ms_per_token'), '.2f'):>10}"
+                 f"{fmt(peer_roofline_fraction(report, r), '.2f'):>9}"
+                 f"{fmt(None if r.get('ttft_s') is None else 1e3 * r['ttft_s'], '.1f'):>9}"
                  f"  {r.get('mode', '')}")
   for e in peer.get("errors", []):
     lines.append(f"  error: {e}")
@@ -175,7 +207,7 @@ def agreement(report: dict, peer: dict) -> str | None:
 def main(argv=None) -> int:
   import argparse
   p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-  p.add_argument("--bench", help="bench.py JSON")
+  p.add_argument("--bench", help="bench/harness.py JSON")
   p.add_argument("--peer", help="peer_transformers.py JSON")
   p.add_argument("--out", help="PNG to write")
   p.add_argument("--table", action="store_true", help="print the tables")
@@ -204,7 +236,6 @@ def main(argv=None) -> int:
       print(f"plot: {e}", file=sys.stderr)
       rc = 3
   if a.table:
-    from launch.bench import format_table
     if report:
       print(format_table(report))
     if peer:

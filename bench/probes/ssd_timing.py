@@ -11,14 +11,15 @@ runs use two controlled regimes, stated in the output:
   * unpredictable: only the target's norm is zeroed; the random draft then misses.
 
 It also reports, per run, the kernels of every program the decoder runs (counted in the
-optimized HLO, launch/hlo_stats.py), the host time of each dispatch of a round
+optimized HLO, bench/probes/hlo_stats.py), the host time of each dispatch of a round
 (`host_*_ms`: the host is blocked or busy there; no synchronisation is added to measure
-it), and with `--runs ...,steps` the single-step programs alone (launch/step_programs.py:
-draft step at batch 1 and at tree width (K+1)*F, glue, 8B verify, AR step) under each XLA
-command-buffer mode of `--step_command_buffers`. `--command_buffers` applies one mode to
+it), and with `--runs ...,steps` the single-step programs alone (bench/probes/
+step_programs.py: draft step at batch 1 and at tree width (K+1)*F, glue, 8B verify, AR
+step) under each XLA command-buffer mode of `--step_command_buffers`. `--command_buffers` applies one mode to
 every engine program (e.g. "max": loops and the SSD lookup's conditional in CUDA graphs).
 
-  python launch/ssd_timing.py --target llama-3.1-8b --draft llama-3.2-1b --draft_devices 1
+  PYTHONPATH=$PWD python bench/probes/ssd_timing.py --target llama-3.1-8b \
+      --draft llama-3.2-1b --draft_devices 1
 """
 
 from __future__ import annotations
@@ -29,7 +30,10 @@ import time
 
 from absl import app, flags
 
-from step_programs import define_pair_flags  # launch/, next to this script
+from bench.plot import plot_runs
+from bench.probes import step_programs
+from bench.probes.hlo_stats import kernel_counts
+from bench.probes.step_programs import define_pair_flags
 
 define_pair_flags()
 flags.DEFINE_integer("target_layers", 0, "Override the target's layer count (0: real).")
@@ -45,8 +49,6 @@ flags.DEFINE_string("command_buffers", None, "XLA command-buffer mode of every e
 flags.DEFINE_list("step_command_buffers", "default,off,max",
                   "Command-buffer modes the 'steps' run compiles each program with.")
 flags.DEFINE_integer("step_iters", 40, "Calls per step-program timing.")
-flags.DEFINE_bool("steps_unfused", True, "The 'steps' run also times the programs of "
-                  "unfused-projection models (separate k/v, gate/up GEMMs), first mode.")
 flags.DEFINE_bool("kernels", True, "Count the kernels of every engine program of a run.")
 flags.DEFINE_bool("trace_host", True, "Time each host dispatch of a round (no syncs).")
 flags.DEFINE_string("tag", "", "A label copied into the JSON (e.g. the variant run).")
@@ -55,36 +57,8 @@ flags.DEFINE_string("compilation_cache", "/tmp/ssd_jax_xla_cache", "Persistent X
                     "runs that share programs (same shapes) compile them once.")
 flags.DEFINE_string("plot", None, "Write a PNG of decode tokens/s per run here.")
 flags.DEFINE_string("from_json", None, "Only plot an earlier --output_json (no GPU work).")
-flags.DEFINE_string("peer_json", None, "launch/peer_transformers.py JSON to plot beside.")
+flags.DEFINE_string("peer_json", None, "bench/peer_transformers.py JSON to plot beside.")
 FLAGS = flags.FLAGS
-
-
-def plot(results: dict, path: str, peer: dict | None = None) -> None:
-  """Bar chart: decode tokens/s of each run (and the transformers peer's AR)."""
-  import matplotlib
-  matplotlib.use("Agg")
-  import matplotlib.pyplot as plt
-  names, values = [], []
-  for name, m in results["runs"].items():
-    if "decode_tokens_per_s" in m:
-      names.append(name)
-      values.append(m["decode_tokens_per_s"])
-  if peer:
-    for row in peer.get("results", []):
-      if row.get("method") == "ar" and row.get("decode_tokens_per_s"):
-        names.append("transformers AR")
-        values.append(row["decode_tokens_per_s"])
-        break
-  fig, ax = plt.subplots(figsize=(8, 3.6))
-  bars = ax.bar(names, values, color=["#4c72b0"] * len(names))
-  for bar, v in zip(bars, values):
-    ax.text(bar.get_x() + bar.get_width() / 2, v, f"{v:.0f}", ha="center", va="bottom")
-  ax.set_ylabel("decode tokens/s")
-  ax.set_title(f"{results['target']} target, {results['draft']} draft, batch "
-               f"{results['batch']}, K={results['k']} (random-weight timing)", fontsize=9)
-  plt.setp(ax.get_xticklabels(), rotation=15, fontsize=8)
-  fig.tight_layout()
-  fig.savefig(path, dpi=120)
 
 
 class _Recorder:
@@ -104,7 +78,6 @@ class _Recorder:
     return self.fn(*args, **kwargs)
 
   def stats(self) -> dict:
-    from hlo_stats import kernel_counts  # launch/, next to this script
     if self.call is None:
       return {"error": "not called"}
     t0 = time.perf_counter()
@@ -117,9 +90,8 @@ class _Recorder:
 PROGRAM_ATTRS = ("_step", "_propose", "_verify", "_first_spec", "_build", "_lookup")
 
 
-def _build(name, role, seed, layers=0, fused=True):
-  """A random-weight model of a real shape on its mesh (target mesh or draft mesh);
-  fused=False: HF's separate k/v and gate/up tensors (Transformer fused_projections)."""
+def _build(name, role, seed, layers=0):
+  """A random-weight model of a real shape on its mesh (target mesh or draft mesh)."""
   import dataclasses
   import jax.numpy as jnp
   from ssd_jax.checkpoint import REAL_SHAPES, random_model
@@ -131,13 +103,13 @@ def _build(name, role, seed, layers=0, fused=True):
   tmesh, dmesh = make_meshes(MeshSpec.parse(FLAGS.mesh), FLAGS.draft_devices)
   mesh = tmesh if role == "target" else (dmesh or tmesh)
   return random_model(cfg, dtype=jnp.dtype(FLAGS.dtype), mesh=mesh, seed=seed,
-                      attention_impl=resolve_impl(FLAGS.attention), fused_projections=fused)
+                      attention_impl=resolve_impl(FLAGS.attention))
 
 
 def _steps(target, draft, k, results):
-  """The single-step programs alone (launch/step_programs.py), per command-buffer mode."""
+  """The single-step programs alone (bench/probes/step_programs.py), per command-buffer
+  mode."""
   try:
-    import step_programs
     from ssd_jax.engine.runner import ModelRunner
     from ssd_jax.sharding import MeshSpec, make_meshes
     tmesh, dmesh = make_meshes(MeshSpec.parse(FLAGS.mesh), FLAGS.draft_devices)
@@ -156,20 +128,6 @@ def _steps(target, draft, k, results):
     results["steps"] = step_programs.measure(progs, tuple(FLAGS.step_command_buffers),
                                              FLAGS.step_iters, log=log)
     del progs
-    if FLAGS.steps_unfused:
-      # The same steps on models with HF's separate k/v and gate/up GEMMs (the layout
-      # before the fusion), XLA's default command buffers: what the fusion changed.
-      unfused = [_build(FLAGS.target, "target", 0, FLAGS.target_layers, fused=False),
-                 _build(FLAGS.draft, "draft", 1, FLAGS.draft_layers, fused=False)]
-      runners = [ModelRunner(mdl, mesh, num_pages=pages, page_size=64, name=role)
-                 for mdl, mesh, role in ((unfused[0], tmesh, "target"),
-                                         (unfused[1], dmesh or tmesh, "draft"))]
-      del unfused
-      progs = step_programs.build_programs(*runners, batch=FLAGS.batch, k=k, f=FLAGS.f,
-                                           context=context, suffix="_unfused")
-      del runners
-      results["steps"].update(step_programs.measure(
-          progs, tuple(FLAGS.step_command_buffers)[:1], FLAGS.step_iters, log=log))
   except Exception as e:  # noqa: BLE001 - a benchmark reports and goes on
     print(f"!!! steps failed: {type(e).__name__}: {e}", flush=True)
     results["steps"] = {"error": f"{type(e).__name__}: {e}"}
@@ -185,7 +143,7 @@ def main(argv):
     with open(FLAGS.from_json) as f:
       results = json.load(f)
     peer = json.load(open(FLAGS.peer_json)) if FLAGS.peer_json else None
-    plot(results, FLAGS.plot or FLAGS.from_json.replace(".json", ".png"), peer)
+    plot_runs(results, FLAGS.plot or FLAGS.from_json.replace(".json", ".png"), peer)
     return
   import jax
   import numpy as np
@@ -252,7 +210,7 @@ def main(argv):
       if attr.lstrip("_") in recorders:
         setattr(llm.decoding, attr, recorders[attr.lstrip("_")].fn)
     llm.reset_prefix_cache()  # a cached prefix would change the prefill shape bucket
-    llm.decoding.trace_host = FLAGS.trace_host
+    llm.trace_host = FLAGS.trace_host
     outs = llm.generate(prompts, params)
     m = dict(llm.last_metrics)
     toks = [o.token_ids for o in outs]
@@ -264,10 +222,10 @@ def main(argv):
     m["warmup_s"] = warm
     if profile_too and llm.method != "ar":
       llm.reset_prefix_cache()
-      llm.decoding.profile = True
+      llm.profile = True
       llm.generate(prompts, params)
       m.update({f"profile_{k}": v for k, v in llm.last_metrics.items() if k.endswith("_ms")})
-      llm.decoding.profile = False
+      llm.profile = False
     programs = {}
     for prog, rec in recorders.items():
       try:
@@ -349,7 +307,7 @@ def main(argv):
             flush=True)
   save()
   if FLAGS.plot:
-    plot(results, FLAGS.plot)
+    plot_runs(results, FLAGS.plot)
 
 
 if __name__ == "__main__":

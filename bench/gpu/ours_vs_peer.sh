@@ -4,17 +4,17 @@
 # SSD (K=7, F=3) and the PyTorch/transformers peer (compiled AR + assisted generation) on
 # the same GPU and the same bf16 weights; JSON + PNG under $OUT, a short table last.
 #
-#   bash bench/run_gpu.sh              # one GPU: AR, SD, SSD (draft shares GPU 0), peer
-#   bash bench/run_gpu.sh --two-gpu    # SSD's draft on GPU 1 (--draft_devices 1)
-#   bash bench/run_gpu.sh --skip-peer  # ours only
-#   bash bench/run_gpu.sh --dry-run    # CPU: the script's flow with the fake engine
+#   bash bench/gpu/ours_vs_peer.sh              # one GPU: AR, SD, SSD (draft shares GPU 0), peer
+#   bash bench/gpu/ours_vs_peer.sh --two-gpu    # SSD's draft on GPU 1 (--draft_devices 1)
+#   bash bench/gpu/ours_vs_peer.sh --skip-peer  # ours only
+#   bash bench/gpu/ours_vs_peer.sh --dry-run    # CPU: the flow on tiny in-memory models
 #
 # Random weights: timings only. Acceptance and cache hits of random weights mean nothing,
 # and no speed-up over AR is claimed from them (every result is labelled so).
 # Environment overrides: OUT, BUDGET_S (default 530), PEER_RESERVE_S (170), TARGET, DRAFT,
 # PROMPT_LEN (128), OUTPUT_LEN (256), K (7), F (3), CKPT_ROOT, PYTHON.
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 
 TWO_GPU=0; SKIP_PEER=0; DRY=0
 for a in "$@"; do
@@ -23,7 +23,7 @@ for a in "$@"; do
     --skip-peer) SKIP_PEER=1 ;;
     --dry-run) DRY=1 ;;
     -h|--help) sed -n 2,17p "$0"; exit 0 ;;
-    *) echo "run_gpu.sh: unknown argument $a" >&2; exit 2 ;;
+    *) echo "ours_vs_peer.sh: unknown argument $a" >&2; exit 2 ;;
   esac
 done
 
@@ -41,7 +41,7 @@ CKPT_ROOT=${CKPT_ROOT:-/tmp/ssd_jax_random}
 PY=${PYTHON:-python3}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export PYTHONUNBUFFERED=1 TOKENIZERS_PARALLELISM=false
-LOG="$OUT/run_gpu.log"
+LOG="$OUT/ours_vs_peer.log"
 : >"$LOG"
 exec > >(tee -a "$LOG") 2>&1
 
@@ -51,7 +51,7 @@ left() { echo $(( BUDGET_S - $(date +%s) + T0 )); }
 STAGES=""
 stage_done() { STAGES="$STAGES$1=${2}s(rc=$3) "; echo "=== $1 done in ${2}s, rc=$3, elapsed $(elapsed)s of ${BUDGET_S}s"; }
 
-echo "=== run_gpu.sh $(date -u +%FT%TZ) two_gpu=$TWO_GPU dry=$DRY target=$TARGET draft=$DRAFT" \
+echo "=== ours_vs_peer.sh $(date -u +%FT%TZ) two_gpu=$TWO_GPU dry=$DRY target=$TARGET draft=$DRAFT" \
      "prompt_len=$PROMPT_LEN output_len=$OUTPUT_LEN K=$K F=$F budget=${BUDGET_S}s"
 if [ "$DRY" = 0 ]; then
   nvidia-smi -L 2>/dev/null || echo "(no nvidia-smi)"
@@ -67,11 +67,11 @@ if [ "$DRY" = 1 ]; then
   T_DIR=""; D_DIR=""
 else
   s=$(date +%s)
-  XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS=cpu $PY launch/bench.py --random_weights \
+  XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS=cpu $PY bench/harness.py --random_weights \
       --model "$TARGET" --methods ar --ckpt_root "$CKPT_ROOT" --only_write_checkpoints \
       >"$OUT/.t_dir" &
   p1=$!
-  XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS=cpu $PY launch/bench.py --random_weights \
+  XLA_PYTHON_CLIENT_PREALLOCATE=false JAX_PLATFORMS=cpu $PY bench/harness.py --random_weights \
       --draft "$DRAFT" --ckpt_root "$CKPT_ROOT" --only_write_checkpoints \
       >"$OUT/.d_dir" &
   p2=$!
@@ -91,7 +91,7 @@ s=$(date +%s)
 limit=$(( $(left) - (SKIP_PEER == 1 ? 15 : PEER_RESERVE_S) ))
 [ "$limit" -lt 30 ] && limit=30
 if [ "$DRY" = 1 ]; then
-  ENGINE=(--engine fake --bandwidth_gbps 3000)
+  ENGINE=(--engine tiny --bandwidth_gbps 3000)
 else
   ENGINE=(--model "$T_DIR" --draft "$D_DIR" --dtype bfloat16)
 fi
@@ -100,7 +100,7 @@ if [ "$TWO_GPU" = 1 ]; then
 else
   EXTRA=()
 fi
-timeout --signal=TERM --kill-after=10 "$limit" $PY launch/bench.py "${ENGINE[@]}" "${COMMON[@]}" \
+timeout --signal=TERM --kill-after=10 "$limit" $PY bench/harness.py "${ENGINE[@]}" "${COMMON[@]}" \
     "${EXTRA[@]}" --methods ar,sd,ssd --output_json "$OURS_JSON"
 r=$?
 stage_done ours $(( $(date +%s) - s )) $r
@@ -118,7 +118,7 @@ if [ "$SKIP_PEER" = 0 ] && [ "$DRY" = 0 ]; then
     echo "!!! no time left for the peer"; PEER_RC=skipped
   else
     CUDA_VISIBLE_DEVICES=${PEER_GPU:-0} timeout --signal=TERM --kill-after=10 "$limit" \
-      $PY launch/peer_transformers.py --model "$T_DIR" --draft "$D_DIR" --dataset prose \
+      $PY bench/peer_transformers.py --model "$T_DIR" --draft "$D_DIR" --dataset prose \
       --numseqs 1 --prompt_len "$PROMPT_LEN" --output_len "$OUTPUT_LEN" --k "$K" \
       --dtype bfloat16 --random_weights --reps 2 --sd_reps 1 --warmup_runs 2 \
       --output_json "$PEER_JSON"
@@ -134,6 +134,6 @@ PLOT_ARGS=(--bench "$OURS_JSON" --out "$OUT/bench.png" --table)
 [ -f "$PEER_JSON" ] && PLOT_ARGS+=(--peer "$PEER_JSON")
 echo
 echo "================================ RESULTS (random-weight timing) ================================"
-$PY launch/plot.py "${PLOT_ARGS[@]}"
+$PY bench/plot.py "${PLOT_ARGS[@]}"
 echo "stages: $STAGES total $(elapsed)s; ours rc=$OURS_RC peer rc=$PEER_RC; files in $OUT: $(ls "$OUT" | tr '\n' ' ')"
 [ "$OURS_RC" = 0 ] || exit "$OURS_RC"

@@ -9,18 +9,17 @@ r"""The peer: PyTorch + transformers `generate` on the same GPU and the same wei
   greedy, batch 1 (transformers' limit). Assisted generation needs a dynamic cache, so it
   runs eagerly.
 
-  python launch/peer_transformers.py --model /tmp/t --draft /tmp/d --dataset prose \
+  PYTHONPATH=$PWD python bench/peer_transformers.py --model /tmp/t --draft /tmp/d --dataset prose \
       --numseqs 1 --prompt_len 128 --output_len 256 --k 7 --output_json peer.json
 
 Reports tokens/s (output tokens over generate() wall time, as our bench), decode tokens/s
-and ms/token (after the first token), TTFT, as JSON. The prompt sets are the bench's
-(ssd_jax/data/prompts.py, loaded by path so that JAX is never imported here).
+and ms/token (after the first token), TTFT, as JSON. The prompts are the harness's
+(bench/datasets.py, which never imports JAX: this process runs PyTorch only).
 """
 
 from __future__ import annotations
 
 import contextlib
-import importlib.util
 import json
 import os
 import platform
@@ -28,24 +27,11 @@ import statistics
 import sys
 import time
 
+from bench.datasets import fixed_length_ids, prompt_sets
+from bench.report import RANDOM_LABEL
+
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-RANDOM_LABEL = "random-weight timing"
 SCHEMA = "ssd_jax.peer/1"
-
-
-def _load_prompts_module():
-  key = "_ssd_jax_prompts"  # the same key as launch/bench.py: one copy per process
-  if key not in sys.modules:
-    path = os.path.join(_ROOT, "ssd_jax", "data", "prompts.py")
-    spec = importlib.util.spec_from_file_location(key, path)
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[key] = mod
-    spec.loader.exec_module(mod)
-  return sys.modules[key]
-
-
-prompt_sets = _load_prompts_module()
 
 
 def _flags():
@@ -214,11 +200,7 @@ def _prompt_ids(args, tokenizer, vocab_size):
     ids_list = []
     for p in ps.prompts:
       if args.prompt_len:
-        if tokenizer is not None:
-          ids = list(tokenizer.encode(p, add_special_tokens=False)) or [1]
-          ids = (ids * (-(-args.prompt_len // len(ids))))[:args.prompt_len]
-        else:
-          ids = prompt_sets.synthetic_token_ids(p, args.prompt_len, vocab_size)
+        ids = fixed_length_ids(p, args.prompt_len, tokenizer, vocab_size)
       else:
         if tokenizer is None:
           raise SystemExit("peer: the model has no tokenizer; pass --prompt_len")
@@ -376,12 +358,8 @@ def main(argv):
     print(f"peer: unknown methods {bad}", file=sys.stderr)
     return 2
   rep = run(args)
-  sys.path.insert(0, _ROOT)
-  try:
-    from launch.plot import peer_table
-    print(peer_table(rep))
-  except Exception:  # noqa: BLE001
-    print(json.dumps(rep["results"], indent=1, default=str)[:4000])
+  from bench.plot import peer_table
+  print(peer_table(rep))
   return 0
 
 

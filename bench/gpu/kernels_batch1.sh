@@ -10,13 +10,13 @@
 #                        launch (Nsight Compute, caches flushed before each kernel),
 #                        8b decode B=1 4k, defaults
 #
-#   OUT=/tmp/out bash bench/kernels_batch1.sh
+#   OUT=/tmp/out bash bench/gpu/kernels_batch1.sh
 set -uo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 OUT=${OUT:-/tmp/ssd_jax_kernels_out}
 mkdir -p "$OUT"
 export PYTHONPATH=$PWD PYTHONUNBUFFERED=1 JAX_PLATFORMS=${JAX_PLATFORMS:-cuda}
-B=launch/kernel_bench.py
+B=bench/probes/kernel_bench.py
 nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem --format=csv > "$OUT/gpu.txt" 2>&1
 
 timeout 150 python3 $B --check --check_set=quick --rows=none 2>&1 | tee "$OUT/check.log"

@@ -3,15 +3,15 @@
 # capped at 10 minutes each and at 64 MiB of files carried per call (the workplace's device
 # tool; bench/DISTILL.md says why the run is cut this way). Three calls on the same machine:
 #
-#   bash bench/distill_chain.sh 1 DIR  # DIR: GGUF part 1, tokenizer files (DIR/tok),
+#   bash bench/gpu/distill_chain.sh 1 DIR  # DIR: GGUF part 1, tokenizer files (DIR/tok),
 #                                      # prompts.npz, wheels. Stages them in $STAGE,
 #                                      # tokenises the machine's own installed text and
 #                                      # rehearses the whole run on a random target of the
 #                                      # same shape (fills the JAX compilation cache).
-#   bash bench/distill_chain.sh 2 DIR  # DIR: GGUF part 2. Joins and checks the GGUF,
+#   bash bench/gpu/distill_chain.sh 2 DIR  # DIR: GGUF part 2. Joins and checks the GGUF,
 #                                      # converts it (ssd_jax.checkpoint), self-generates,
 #                                      # trains until STOP2_S, checkpointing (orbax).
-#   bash bench/distill_chain.sh 3      # resumes to the end of the schedule, exports the
+#   bash bench/gpu/distill_chain.sh 3      # resumes to the end of the schedule, exports the
 #                                      # draft layers to $OUT/layers, evaluates.
 #
 # On a machine with the repo installed and no call limits, the single command in

@@ -11,7 +11,7 @@ the questions the SSD loop depends on, with small programs:
   cond_*         a `lax.cond` around a scan, a Pallas kernel, an in-place update of a
                  donated buffer (like a KV cache), or all three;
   scan_all       a scan with all three in its body;
-  engine_cond_*  SSD's jit fallback as the engine once wrote it (spec/draft.draft_decode,
+  engine_cond_*  SSD's jit fallback written as a conditional (decoding/draft.draft_decode,
                  a scan of K=7 steps) under a `lax.cond`, on a 4-layer Llama-3.2-1B-width
                  model, Pallas or XLA attention; engine_plain_* the same without the cond.
 
@@ -28,7 +28,7 @@ process); `--modes` picks them. A mode named `*_opts` passes the flags per progr
 (`jax.jit(compiler_options=...)`, what runner.COMMAND_BUFFER_MODES does) instead of
 through XLA_FLAGS, to show whether both routes reach the compiler.
 
-  PYTHONPATH=$PWD python launch/dispatch_probe.py --output_json /tmp/probe.json
+  PYTHONPATH=$PWD python bench/probes/dispatch_probe.py --output_json /tmp/probe.json
 """
 
 from __future__ import annotations
@@ -195,7 +195,7 @@ def _time_dispatch(step, slow_input, x0, *, chain=True, host_calls=10, device_ca
 
 
 def _engine_lookup(jax, jnp, np, opts, slow, big, x0) -> dict:
-  """SSD's jit fallback as the engine once wrote it (spec/draft.draft_decode, K=7, under a
+  """SSD's jit fallback written as a conditional (decoding/draft.draft_decode, K=7, under a
   `lax.cond`), on a 4-layer model of Llama-3.2-1B's width; the predicate depends on the
   slow program and is false (a hit), and the same drafting without the conditional."""
   import dataclasses
