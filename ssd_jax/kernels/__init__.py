@@ -42,16 +42,25 @@ def resolve_impl(impl: str) -> str:
 
 
 def write_kv(k_pages, v_pages, k, v, slot_mapping):
-  """Scatter new K/V [B, Q, Hkv, D] into the pools at flat slots; slot -1 writes nothing."""
+  """Scatter new K/V [B, Q, Hkv, D] into the pools at flat slots; slot -1 writes nothing.
+
+  The pools are indexed as they are, by (page, offset) pairs, never reshaped to one flat
+  [num_pages * page_size] axis: with one row to write (a batch-1 decode step) XLA turns
+  the scatter of a reshaped pool into a dynamic-update-slice that its CPU backend then
+  duplicates (one for the attention that reads the pool, one for the returned pool),
+  copying every layer's whole pool several times per step. Written this way the update
+  stays in place on every backend, whatever the pool's size.
+  """
   num_pages, page_size, hkv, d = k_pages.shape
   flat = slot_mapping.reshape(-1)
-  # An out-of-range index with mode="drop" is how "write nothing" is expressed.
-  flat = jnp.where(flat < 0, num_pages * page_size, flat)
-  kf = k_pages.reshape(num_pages * page_size, hkv, d)
-  vf = v_pages.reshape(num_pages * page_size, hkv, d)
-  kf = kf.at[flat].set(k.reshape(-1, hkv, d).astype(kf.dtype), mode="drop")
-  vf = vf.at[flat].set(v.reshape(-1, hkv, d).astype(vf.dtype), mode="drop")
-  return kf.reshape(k_pages.shape), vf.reshape(v_pages.shape)
+  # An out-of-range page with mode="drop" is how "write nothing" is expressed.
+  page = jnp.where(flat < 0, num_pages, flat // page_size)
+  offset = jnp.where(flat < 0, 0, flat % page_size)
+  k_pages = k_pages.at[page, offset].set(k.reshape(-1, hkv, d).astype(k_pages.dtype),
+                                         mode="drop")
+  v_pages = v_pages.at[page, offset].set(v.reshape(-1, hkv, d).astype(v_pages.dtype),
+                                         mode="drop")
+  return k_pages, v_pages
 
 
 def paged_attention(q, k_pages, v_pages, page_table, kv_limit, *, scale, impl="xla"):

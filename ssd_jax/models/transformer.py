@@ -160,7 +160,15 @@ class Attention(nnx.Module):
       new = jnp.stack([k, v], axis=2)[:, :, None].astype(scratch_kv.dtype)
       scratch_kv = jax.lax.dynamic_update_slice_in_dim(scratch_kv, new, scratch_step, axis=2)
       out = kernels.extend_attention(out, lse, q, scratch_kv, scratch_step + 1, scale=scale)
-    y = jnp.einsum("bshd,hde->bse", out, self.o_proj[...])
+    # One contraction over the flattened (head, head_dim) axis: contracting over two
+    # axes, XLA's CPU backend picked the order (head_dim, head) and transposed the whole
+    # o_proj weight into a temporary on every step; flattened (a free reshape of both
+    # row-major operands) it reads the weight in place, and only the small activation
+    # may be relaid.
+    b, s_len = out.shape[:2]
+    o_proj = self.o_proj[...]
+    y = jnp.einsum("bsf,fe->bse", out.reshape(b, s_len, -1),
+                   o_proj.reshape(-1, o_proj.shape[-1]))
     if cfg.attention_bias:
       y = y + self.o_bias[...]
     return y, k_pages, v_pages, scratch_kv
