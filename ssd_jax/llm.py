@@ -10,6 +10,8 @@ from __future__ import annotations
 import collections
 import dataclasses
 import logging
+import numbers
+import os
 import sys
 import time
 from typing import Any, Sequence as Seq
@@ -22,7 +24,7 @@ from ssd_jax.decoding.ar import ARMethod
 from ssd_jax.engine.pages import PagePool
 from ssd_jax.engine.loop import DecodingMethod
 from ssd_jax.engine.runner import ModelRunner, compiler_options_for
-from ssd_jax.engine.sampling import SamplingParams
+from ssd_jax.engine.sampling import SamplingParams, as_float
 from ssd_jax.engine.scheduler import Scheduler
 from ssd_jax.engine.sequence import Sequence
 from ssd_jax.kernels import resolve_impl
@@ -42,6 +44,59 @@ class RequestOutput:
   text: str
   finish_reason: str | None
   metrics: dict[str, Any]
+
+
+def _int_arg(name: str, value, minimum: int) -> int:
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+    raise TypeError(f"{name} must be an integer, got {value!r}")
+  if value < minimum:
+    raise ValueError(f"{name} must be >= {minimum}, got {value}")
+  return int(value)
+
+
+def _is_token_id(x) -> bool:
+  return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
+
+
+def _normalize_prompts(prompts) -> list:
+  """generate()'s prompts as a list of str / list[int], or a one-line TypeError/ValueError
+  saying what is wrong. Accepts a string, a list of token ids, a list of those (mixed),
+  and integer numpy arrays (1-D: one prompt, 2-D: one per row)."""
+  what = "prompts must be a string, a list of token ids, or a list of those"
+  if isinstance(prompts, np.ndarray):
+    if prompts.ndim not in (1, 2) or not np.issubdtype(prompts.dtype, np.integer):
+      raise TypeError(f"{what}; got a {prompts.ndim}-D {prompts.dtype} array (token-id "
+                      "arrays must be 1-D or 2-D integers)")
+    return [prompts.tolist()] if prompts.ndim == 1 else prompts.tolist()
+  if isinstance(prompts, str):
+    prompts = [prompts]
+  elif isinstance(prompts, (bytes, bytearray)):
+    raise TypeError("prompts are bytes; decode them to str (UTF-8) first")
+  elif not isinstance(prompts, (list, tuple)):
+    raise TypeError(f"{what}; got {type(prompts).__name__}")
+  elif prompts and isinstance(prompts[0], (numbers.Number, np.generic)):
+    prompts = [prompts]  # one prompt of token ids
+  out = []
+  for i, p in enumerate(prompts):
+    if isinstance(p, str):
+      try:
+        p.encode("utf-8")
+      except UnicodeEncodeError as e:
+        raise ValueError(f"prompt {i} is not valid text: character {e.start} is an "
+                         "undecodable byte (lone surrogate); pass UTF-8 text") from None
+      out.append(p)
+      continue
+    if isinstance(p, np.ndarray) and p.ndim == 1:
+      p = p.tolist() if np.issubdtype(p.dtype, np.integer) else list(p)
+    if not isinstance(p, (list, tuple)):
+      raise TypeError(f"prompt {i} is {type(p).__name__}: a prompt is a string or a list "
+                      "of token ids")
+    for j, t in enumerate(p):
+      if not _is_token_id(t):
+        raise TypeError(f"prompt {i}: token id {t!r} at position {j} is not an integer; "
+                        "token ids must be ints")
+    out.append([int(t) for t in p])
+  return out
 
 
 def _default_dtype() -> str:
@@ -73,10 +128,31 @@ class LLM:
     dtype = dtype or _default_dtype()
     if dtype not in DTYPES:
       raise ValueError(f"dtype {dtype!r} is unknown; use one of {', '.join(DTYPES)}")
-    if k < 1:
-      raise ValueError(f"k (draft tokens per round) must be >= 1, got {k}")
-    if max_batch_size < 1:
-      raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    # Every option is checked here, before any model loads (seconds for a real one).
+    k = _int_arg("k (draft tokens per round)", k, 1)
+    max_batch_size = _int_arg("max_batch_size", max_batch_size, 1)
+    max_model_len = _int_arg("max_model_len", max_model_len, 2)
+    page_size = _int_arg("page_size", page_size, 1)
+    num_pages = None if num_pages is None else _int_arg("num_pages", num_pages, 1)
+    draft_devices = _int_arg("draft_devices", draft_devices, 0)
+    f = _int_arg("f (fan-out per acceptance length)", f, 0)
+    if draft_temperature is not None:
+      draft_temperature = as_float("draft_temperature", draft_temperature)
+      if draft_temperature < 0:
+        raise ValueError(f"draft_temperature must be >= 0, got {draft_temperature}")
+    if method == "ar" and draft is not None:
+      raise ValueError("a draft model needs method sd or ssd (AR has no draft)")
+    from ssd_jax.decoding.ssd import SSDOptions
+    ssd_opts = SSDOptions.build(k=k, f=f, fanout_hit=fanout_hit, fanout_miss=fanout_miss,
+                                fallback=fallback or ("jit" if max_batch_size <= 4 else "fast"),
+                                sampler_x=sampler_x, draft_temperature=draft_temperature)
+    from ssd_jax.checkpoint.loader import check_source
+    for role, source in (("", model), ("draft ", draft)):  # fail now, not after a load
+      if isinstance(source, (str, os.PathLike)):
+        try:
+          check_source(source)
+        except ValueError as e:
+          raise type(e)(f"{role}{e}") from None
     self.method = method
     self.dtype = DTYPES[dtype]
     self.k = k
@@ -128,11 +204,8 @@ class LLM:
                                SpecOptions(k=k, draft_temperature=draft_temperature),
                                decode, self.eos_ids)
     else:
-      from ssd_jax.decoding.ssd import SSDMethod, SSDOptions
-      opts = SSDOptions.build(k=k, f=f, fanout_hit=fanout_hit, fanout_miss=fanout_miss,
-                              fallback=fallback or ("jit" if max_batch_size <= 4 else "fast"),
-                              sampler_x=sampler_x, draft_temperature=draft_temperature)
-      self.decoding = SSDMethod(self.target, self.draft, opts, decode, self.eos_ids)
+      from ssd_jax.decoding.ssd import SSDMethod
+      self.decoding = SSDMethod(self.target, self.draft, ssd_opts, decode, self.eos_ids)
     self.decoding.profile = profile
 
   # -- loading ----------------------------------------------------------------------------
@@ -174,21 +247,62 @@ class LLM:
         return list(ids)
       return list(self.tokenizer.encode(prompt))
     ids = [int(t) for t in prompt]
-    if any(t < 0 or t >= self.cfg.vocab_size for t in ids):
-      raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size})")
+    bad = [t for t in ids if t < 0 or t >= self.cfg.vocab_size]
+    if bad:
+      raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}), got {bad[0]}")
     return ids
 
   def generate(self, prompts, params: SamplingParams | Seq[SamplingParams] | None = None,
                *, chat_template: bool = False, progress: bool = False) -> list[RequestOutput]:
-    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-      prompts = [prompts]
+    """Generates for every prompt (a string, or a list of token ids) and returns one
+    RequestOutput per prompt, in order; they are also kept in `self.last_outputs`.
+
+    On KeyboardInterrupt (Ctrl-C; the CLI raises one for SIGTERM as well) the work that
+    finished is not lost: the exception is re-raised with `.outputs`, a list in prompt
+    order holding the RequestOutput of every request that had finished and None for the
+    others (the same list is `self.last_outputs`), and the engine stays usable."""
+    seqs: list[Sequence] = []
+    try:
+      outs = self._generate(prompts, params, chat_template, progress, seqs)
+    except KeyboardInterrupt as e:
+      if progress:
+        sys.stderr.write("\n")  # end the progress line
+      e.outputs = self._keep_finished(seqs)
+      raise
+    self.last_outputs = outs
+    return outs
+
+  def _keep_finished(self, seqs: list[Sequence]) -> list[RequestOutput | None]:
+    """After an interruption: the outputs of the sequences that finished, and an engine
+    that can run again (no job of the decoder still running, no pages held)."""
+    try:
+      self.decoding.finish()  # SSD's draft thread may be dispatching a job
+    except BaseException:  # its error, if any, does not matter any more
+      pass
+    self.scheduler.waiting.clear()
+    for seq in seqs:
+      if seq.pages:  # interrupted between admission and the wave's end
+        self.blocks.free(seq.pages)
+        seq.pages = []
+    runners = (self.target, self.draft) if self.draft is not None else (self.target,)
+    if any([r.restore_kv() for r in runners]):
+      self.blocks.drop_cached()  # the cached prefixes' KV went with the lost pool
+    self.last_outputs = [self._output(s) if s.is_finished else None for s in seqs]
+    return self.last_outputs
+
+  def _generate(self, prompts, params, chat_template: bool, progress: bool,
+                seqs: list[Sequence]) -> list[RequestOutput]:
+    prompts = _normalize_prompts(prompts)
     if not prompts:
       return []
-    params = params or SamplingParams()
+    params = SamplingParams() if params is None else params
     plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
     if len(plist) != len(prompts):
       raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
-    seqs = []
+    for p in plist:
+      if not isinstance(p, SamplingParams):
+        raise TypeError(f"params must be a SamplingParams or a list of them, got "
+                        f"{type(p).__name__}")
     now = time.perf_counter()
     # generate() is synchronous: anything still queued is left over from a call that
     # failed part-way (e.g. a request that could never fit), not work to resume.
@@ -227,7 +341,7 @@ class LLM:
       totals["waves"] += 1
     wall = time.perf_counter() - t0
     if bar:
-      bar.close()
+      bar.close(sum(len(s.output_token_ids) for s in seqs))
     outs = [self._output(s) for s in seqs]
     n_out = sum(len(o.token_ids) for o in outs)
     rounds = sum(s.num_rounds for s in seqs)
@@ -302,14 +416,16 @@ class _Progress:
     self.t0 = time.perf_counter()
     self.last = 0.0
 
-  def update(self, n: int) -> None:
+  def update(self, n: int, end: str = "") -> None:
     now = time.perf_counter()
-    if now - self.last < 0.5:
+    if now - self.last < 0.5 and not end:
       return
     self.last = now
     rate = n / max(now - self.t0, 1e-9)
-    sys.stderr.write(f"\r  generated {n}/{self.total} tokens  {rate:7.1f} tok/s")
+    sys.stderr.write(f"\r  generated {n}/{self.total} tokens  {rate:7.1f} tok/s{end}")
     sys.stderr.flush()
 
-  def close(self) -> None:
-    sys.stderr.write("\n")
+  def close(self, n: int) -> None:
+    """The final count (updates are throttled, so the last one shown may be older)."""
+    self.update(n, "  done" + (" (requests stopped before their max_new_tokens)"
+                               if n < self.total else "") + "\n")

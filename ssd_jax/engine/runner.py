@@ -193,3 +193,15 @@ class ModelRunner:
           ran += 1
         t *= 2
     return ran
+
+  def restore_kv(self) -> bool:
+    """A fresh (zero) KV pool if the current one is gone: a program that donates it was
+    dispatched but its result never stored (an interrupt in between). Returns whether
+    it made one; the old contents are lost, so cached prefixes must be dropped."""
+    if not any(x.is_deleted() for x in jax.tree.leaves(self.kv)):
+      return False
+    n = len(self._jitted)
+    self.kv = self.jit(functools.partial(init_kv_cache, self.cfg, self.num_pages,
+                                         self.page_size, self.kv_dtype))()
+    del self._jitted[n:]  # as in __init__: not a program of the decode path
+    return True
