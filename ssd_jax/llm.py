@@ -22,11 +22,11 @@ import numpy as np
 
 from ssd_jax.decoding.ar import ARMethod
 from ssd_jax.engine.pages import PagePool
-from ssd_jax.engine.loop import DecodingMethod
-from ssd_jax.engine.runner import ModelRunner, compiler_options_for
+from ssd_jax.engine.loop import DecodingMethod, Wave
+from ssd_jax.engine.runner import ModelRunner, bucket, compiler_options_for
 from ssd_jax.engine.sampling import SamplingParams, as_float
 from ssd_jax.engine.scheduler import Scheduler
-from ssd_jax.engine.sequence import Sequence
+from ssd_jax.engine.sequence import Sequence, Status
 from ssd_jax.kernels import resolve_impl
 from ssd_jax.sharding.mesh import MeshSpec, check_model_fits, make_meshes
 
@@ -394,9 +394,49 @@ class LLM:
     """Forget cached prompt pages (e.g. between benchmark runs of the same prompts)."""
     self.blocks.drop_cached()
 
-  def warmup(self, batch_size: int = 1, prompt_len: int = 16, max_new_tokens: int = 8) -> float:
+  def shape_buckets(self) -> dict:
+    """The shapes this engine compiles programs for; every request lands in one of them.
+
+    batch:          a wave's batch, padded to a power of two up to bucket(max_batch_size);
+    table_widths:   its page-table width (pages per sequence), a power of two from the
+                    smallest reservation's (prompt 1 + 1 token + speculation slack) to the
+                    largest's (max_model_len + slack, at most num_pages);
+    prefill_tokens: per table width, the tokens one prefill takes (the prompt, or its
+                    suffix after cached prefix pages): powers of two >= 16, up to the
+                    longest prompt that fits that width (and max_model_len - 1);
+    sampling:       all-greedy waves and waves that sample compile apart (argmax only).
+
+    Every decode program of a wave is compiled per (batch, table width, sampling), the
+    prefill per (batch, prefill tokens, table width) and per model; `programs` counts
+    what warmup(all_buckets=True) compiles at most."""
+    slack, pool = self.scheduler.slack_tokens, self.blocks
+    powers = lambda lo, hi: [1 << e for e in range(lo.bit_length() - 1, hi.bit_length())]
+    batches = powers(1, bucket(self.scheduler.max_batch_size))
+    widest = min(pool.pages_for(self.max_model_len + slack), pool.num_pages)
+    widths = powers(bucket(pool.pages_for(2 + slack)), bucket(widest))
+    prefill = {}
+    for w in widths:
+      longest = max(1, min(w * pool.page_size - 1 - slack, self.max_model_len - 1))
+      prefill[w] = powers(16, bucket(longest, 16))
+    models = 1 if self.draft is None else 2
+    per_wave = {"ar": 2, "sd": 3, "ssd": 5}[self.method]  # first token + decode programs
+    programs = len(batches) * (2 * len(widths) * per_wave
+                               + models * sum(len(t) for t in prefill.values()))
+    return {"batch": batches, "table_widths": widths, "prefill_tokens": prefill,
+            "sampling": ["greedy", "sampled"], "programs": programs}
+
+  def warmup(self, batch_size: int = 1, prompt_len: int = 16, max_new_tokens: int = 8, *,
+             all_buckets: bool = False, progress: bool = False) -> float:
     """Compile the programs for these shapes (a throwaway generate, then the prefills of
-    shorter suffixes after a cached prefix); returns seconds."""
+    shorter suffixes after a cached prefix); returns seconds.
+
+    all_buckets=True compiles every program of every bucket of `shape_buckets()` instead
+    (the other arguments are then unused), so that no later request compiles anything,
+    whatever its batch, lengths or sampling: what a long-lived engine needs. That is
+    `shape_buckets()["programs"]` compilations; progress=True reports them on stderr with
+    the time left (estimated from those done so far)."""
+    if all_buckets:
+      return self._warm_all_buckets(progress)
     t0 = time.perf_counter()
     ids = [[1 + (i % max(self.cfg.vocab_size - 1, 1)) for i in range(prompt_len)]
            for _ in range(batch_size)]
@@ -406,6 +446,53 @@ class LLM:
       if runner is not None:
         runner.warm_prefill_buckets()
     return time.perf_counter() - t0
+
+  def _warm_all_buckets(self, progress: bool) -> float:
+    b = self.shape_buckets()
+    steps = [("wave", batch, w, greedy) for batch in b["batch"] for w in b["table_widths"]
+             for greedy in (True, False)]
+    runners = (self.target,) if self.draft is None else (self.target, self.draft)
+    steps += [("prefill", batch, w, t) for batch in b["batch"] for w in b["table_widths"]
+              for t in b["prefill_tokens"][w]]
+    t0 = time.perf_counter()
+    c0 = self.decoding.num_compilations()
+    if progress:
+      sys.stderr.write(f"  warmup: {len(steps)} shape sets, at most {b['programs']} programs "
+                       "to compile")
+    for i, (kind, batch, w, x) in enumerate(steps, 1):
+      if kind == "wave":
+        self._warm_wave(batch, w, greedy=x)
+      else:
+        for runner in runners:
+          runner.warm_prefill(batch, x, w)
+      if progress:
+        spent = time.perf_counter() - t0
+        sys.stderr.write(f"\r  warmup: {i}/{len(steps)} shape sets, "
+                         f"{self.decoding.num_compilations() - c0} programs, {spent:.1f} s, "
+                         f"~{spent / i * (len(steps) - i):.0f} s left ")
+        sys.stderr.flush()
+    if progress:
+      sys.stderr.write("\n")
+    return time.perf_counter() - t0
+
+  def _warm_wave(self, batch: int, width: int, greedy: bool) -> None:
+    """One wave padded to `batch` rows with a `width`-page table: a 1-token prompt that
+    decodes 2 tokens (1 where 2 would not fit that width: no decode round happens at it)."""
+    pool, slack = self.blocks, self.scheduler.slack_tokens
+    max_new = 2 if pool.pages_for(3 + slack) <= width else 1
+    seq = Sequence(prompt_token_ids=[1], params=SamplingParams(
+        max_new_tokens=max_new, ignore_eos=True, temperature=0.0 if greedy else 1.0),
+        t_arrival=time.perf_counter())
+    seq.pages, seq.num_cached_tokens = pool.allocate(seq.prompt_token_ids,
+                                                     self.scheduler.reservation(seq))
+    seq.status = Status.RUNNING
+    table = np.zeros((batch, width), np.int32)
+    table[0, :len(seq.pages)] = seq.pages
+    wave = Wave(seqs=[seq], batch=batch, page_table=table)
+    try:
+      self.decoding.run_wave(wave)
+    finally:
+      self.scheduler.finish_wave(wave)
 
 
 class _Progress:
