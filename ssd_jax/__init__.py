@@ -6,7 +6,16 @@
                        chat_template=True)
 """
 
-from ssd_jax.llm import LLM, RequestOutput
-from ssd_jax.engine.sampling import SamplingParams
-
 __all__ = ["LLM", "RequestOutput", "SamplingParams"]
+
+
+def __getattr__(name):
+  # Imported on first use, so that `python -m ssd_jax.launch` can check its flags, and
+  # handle Ctrl-C, before JAX is imported (seconds).
+  if name in ("LLM", "RequestOutput"):
+    from ssd_jax import llm
+    return getattr(llm, name)
+  if name == "SamplingParams":
+    from ssd_jax.engine.sampling import SamplingParams
+    return SamplingParams
+  raise AttributeError(f"module 'ssd_jax' has no attribute {name!r}")

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import numbers
+import os
 import sys
 import time
 from typing import Any, Sequence as Seq
@@ -19,12 +21,12 @@ import numpy as np
 
 from ssd_jax.decoding.ar import ARMethod
 from ssd_jax.engine.pages import PagePool
-from ssd_jax.engine.loop import DecodingMethod
+from ssd_jax.engine.loop import DecodingMethod, Wave
 from ssd_jax.engine.observe import RoundObserver
-from ssd_jax.engine.runner import ModelRunner, compiler_options_for
-from ssd_jax.engine.sampling import SamplingParams
+from ssd_jax.engine.runner import ModelRunner, bucket, compiler_options_for
+from ssd_jax.engine.sampling import SamplingParams, as_float
 from ssd_jax.engine.scheduler import Scheduler
-from ssd_jax.engine.sequence import Sequence
+from ssd_jax.engine.sequence import Sequence, Status
 from ssd_jax.kernels import resolve_impl
 from ssd_jax.sharding.mesh import MeshSpec, check_model_fits, make_meshes
 
@@ -44,6 +46,59 @@ class RequestOutput:
   metrics: dict[str, Any]
 
 
+def _int_arg(name: str, value, minimum: int) -> int:
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+    raise TypeError(f"{name} must be an integer, got {value!r}")
+  if value < minimum:
+    raise ValueError(f"{name} must be >= {minimum}, got {value}")
+  return int(value)
+
+
+def _is_token_id(x) -> bool:
+  return isinstance(x, numbers.Integral) and not isinstance(x, (bool, np.bool_))
+
+
+def _normalize_prompts(prompts) -> list:
+  """generate()'s prompts as a list of str / list[int], or a one-line TypeError/ValueError
+  saying what is wrong. Accepts a string, a list of token ids, a list of those (mixed),
+  and integer numpy arrays (1-D: one prompt, 2-D: one per row)."""
+  what = "prompts must be a string, a list of token ids, or a list of those"
+  if isinstance(prompts, np.ndarray):
+    if prompts.ndim not in (1, 2) or not np.issubdtype(prompts.dtype, np.integer):
+      raise TypeError(f"{what}; got a {prompts.ndim}-D {prompts.dtype} array (token-id "
+                      "arrays must be 1-D or 2-D integers)")
+    return [prompts.tolist()] if prompts.ndim == 1 else prompts.tolist()
+  if isinstance(prompts, str):
+    prompts = [prompts]
+  elif isinstance(prompts, (bytes, bytearray)):
+    raise TypeError("prompts are bytes; decode them to str (UTF-8) first")
+  elif not isinstance(prompts, (list, tuple)):
+    raise TypeError(f"{what}; got {type(prompts).__name__}")
+  elif prompts and isinstance(prompts[0], (numbers.Number, np.generic)):
+    prompts = [prompts]  # one prompt of token ids
+  out = []
+  for i, p in enumerate(prompts):
+    if isinstance(p, str):
+      try:
+        p.encode("utf-8")
+      except UnicodeEncodeError as e:
+        raise ValueError(f"prompt {i} is not valid text: character {e.start} is an "
+                         "undecodable byte (lone surrogate); pass UTF-8 text") from None
+      out.append(p)
+      continue
+    if isinstance(p, np.ndarray) and p.ndim == 1:
+      p = p.tolist() if np.issubdtype(p.dtype, np.integer) else list(p)
+    if not isinstance(p, (list, tuple)):
+      raise TypeError(f"prompt {i} is {type(p).__name__}: a prompt is a string or a list "
+                      "of token ids")
+    for j, t in enumerate(p):
+      if not _is_token_id(t):
+        raise TypeError(f"prompt {i}: token id {t!r} at position {j} is not an integer; "
+                        "token ids must be ints")
+    out.append([int(t) for t in p])
+  return out
+
+
 def _default_dtype() -> str:
   return "bfloat16" if jax.default_backend() == "gpu" else "float32"
 
@@ -59,6 +114,9 @@ class LLM:
   command_buffers: None (XLA's default), or a mode of runner.COMMAND_BUFFER_MODES
     ("off", "max") for how much of each program XLA records into CUDA graphs (GPU only).
   ar_steps: AR decode steps per round (one program, stops applied on device each step).
+    None: 4 for a target of under 1 GB of weights, whose step is bound by the host's
+    dispatch (one H200: a 135M-shape step 2.14 -> 1.17 ms), else 1 (an 8B-shape step
+    4.74 -> 5.01 ms with 4; bench/RESULTS.md).
   min_step_rows: steps of fewer tokens are padded to this many rows (None: 8 on GPU, where
     single-row GEMMs are slow, 1 elsewhere; runner.ModelRunner).
   """
@@ -71,16 +129,40 @@ class LLM:
                max_model_len: int = 2048, page_size: int = 64, num_pages: int | None = None,
                attention_impl: str = "auto", profile: bool = False, tokenizer=None,
                devices=None, command_buffers: str | None = None,
-               min_step_rows: int | None = None, ar_steps: int = 1):
+               min_step_rows: int | None = None, ar_steps: int | None = None):
     if method not in METHODS:
       raise ValueError(f"method {method!r} is unknown; use one of {', '.join(METHODS)}")
     dtype = dtype or _default_dtype()
     if dtype not in DTYPES:
       raise ValueError(f"dtype {dtype!r} is unknown; use one of {', '.join(DTYPES)}")
-    if k < 1:
-      raise ValueError(f"k (draft tokens per round) must be >= 1, got {k}")
-    if max_batch_size < 1:
-      raise ValueError(f"max_batch_size must be >= 1, got {max_batch_size}")
+    # Every option is checked here, before any model loads (seconds for a real one).
+    k = _int_arg("k (draft tokens per round)", k, 1)
+    max_batch_size = _int_arg("max_batch_size", max_batch_size, 1)
+    max_model_len = _int_arg("max_model_len", max_model_len, 2)
+    page_size = _int_arg("page_size", page_size, 1)
+    num_pages = None if num_pages is None else _int_arg("num_pages", num_pages, 1)
+    draft_devices = _int_arg("draft_devices", draft_devices, 0)
+    f = _int_arg("f (fan-out per acceptance length)", f, 0)
+    ar_steps = None if ar_steps is None else _int_arg("ar_steps", ar_steps, 1)
+    min_step_rows = None if min_step_rows is None else _int_arg("min_step_rows",
+                                                                min_step_rows, 1)
+    if draft_temperature is not None:
+      draft_temperature = as_float("draft_temperature", draft_temperature)
+      if draft_temperature < 0:
+        raise ValueError(f"draft_temperature must be >= 0, got {draft_temperature}")
+    if method == "ar" and draft is not None:
+      raise ValueError("a draft model needs method sd or ssd (AR has no draft)")
+    from ssd_jax.decoding.ssd import SSDOptions
+    ssd_opts = SSDOptions.build(k=k, f=f, fanout_hit=fanout_hit, fanout_miss=fanout_miss,
+                                fallback=fallback or ("jit" if max_batch_size <= 4 else "fast"),
+                                sampler_x=sampler_x, draft_temperature=draft_temperature)
+    from ssd_jax.checkpoint.loader import check_source
+    for role, source in (("", model), ("draft ", draft)):  # fail now, not after a load
+      if isinstance(source, (str, os.PathLike)):
+        try:
+          check_source(source)
+        except ValueError as e:
+          raise type(e)(f"{role}{e}") from None
     self.method = method
     self.dtype = DTYPES[dtype]
     self.k = k
@@ -112,6 +194,9 @@ class LLM:
     decode = self._decode_text
 
     if method == "ar":
+      if ar_steps is None:
+        weight_bytes = sum(x.nbytes for x in self.target.params)
+        ar_steps = 4 if weight_bytes < 1e9 else 1
       self.decoding: DecodingMethod = ARMethod(self.target, decode, self.eos_ids,
                                                steps=ar_steps)
       self.draft = None
@@ -136,11 +221,8 @@ class LLM:
                                SpecOptions(k=k, draft_temperature=draft_temperature),
                                decode, self.eos_ids)
     else:
-      from ssd_jax.decoding.ssd import SSDMethod, SSDOptions
-      opts = SSDOptions.build(k=k, f=f, fanout_hit=fanout_hit, fanout_miss=fanout_miss,
-                              fallback=fallback or ("jit" if max_batch_size <= 4 else "fast"),
-                              sampler_x=sampler_x, draft_temperature=draft_temperature)
-      self.decoding = SSDMethod(self.target, self.draft, opts, decode, self.eos_ids)
+      from ssd_jax.decoding.ssd import SSDMethod
+      self.decoding = SSDMethod(self.target, self.draft, ssd_opts, decode, self.eos_ids)
 
   # -- loading ----------------------------------------------------------------------------
   def _load(self, source, mesh, impl, tokenizer, role):
@@ -183,21 +265,62 @@ class LLM:
         return list(ids)
       return list(self.tokenizer.encode(prompt))
     ids = [int(t) for t in prompt]
-    if any(t < 0 or t >= self.cfg.vocab_size for t in ids):
-      raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size})")
+    bad = [t for t in ids if t < 0 or t >= self.cfg.vocab_size]
+    if bad:
+      raise ValueError(f"token ids must be in [0, {self.cfg.vocab_size}), got {bad[0]}")
     return ids
 
   def generate(self, prompts, params: SamplingParams | Seq[SamplingParams] | None = None,
                *, chat_template: bool = False, progress: bool = False) -> list[RequestOutput]:
-    if isinstance(prompts, str) or (prompts and isinstance(prompts[0], int)):
-      prompts = [prompts]
+    """Generates for every prompt (a string, or a list of token ids) and returns one
+    RequestOutput per prompt, in order; they are also kept in `self.last_outputs`.
+
+    On KeyboardInterrupt (Ctrl-C; the CLI raises one for SIGTERM as well) the work that
+    finished is not lost: the exception is re-raised with `.outputs`, a list in prompt
+    order holding the RequestOutput of every request that had finished and None for the
+    others (the same list is `self.last_outputs`), and the engine stays usable."""
+    seqs: list[Sequence] = []
+    try:
+      outs = self._generate(prompts, params, chat_template, progress, seqs)
+    except KeyboardInterrupt as e:
+      if progress:
+        sys.stderr.write("\n")  # end the progress line
+      e.outputs = self._keep_finished(seqs)
+      raise
+    self.last_outputs = outs
+    return outs
+
+  def _keep_finished(self, seqs: list[Sequence]) -> list[RequestOutput | None]:
+    """After an interruption: the outputs of the sequences that finished, and an engine
+    that can run again (no job of the decoder still running, no pages held)."""
+    try:
+      self.decoding.finish()  # SSD's draft thread may be dispatching a job
+    except BaseException:  # its error, if any, does not matter any more
+      pass
+    self.scheduler.waiting.clear()
+    for seq in seqs:
+      if seq.pages:  # interrupted between admission and the wave's end
+        self.blocks.free(seq.pages)
+        seq.pages = []
+    runners = (self.target, self.draft) if self.draft is not None else (self.target,)
+    if any([r.restore_kv() for r in runners]):
+      self.blocks.drop_cached()  # the cached prefixes' KV went with the lost pool
+    self.last_outputs = [self._output(s) if s.is_finished else None for s in seqs]
+    return self.last_outputs
+
+  def _generate(self, prompts, params, chat_template: bool, progress: bool,
+                seqs: list[Sequence]) -> list[RequestOutput]:
+    prompts = _normalize_prompts(prompts)
     if not prompts:
       return []
-    params = params or SamplingParams()
+    params = SamplingParams() if params is None else params
     plist = list(params) if isinstance(params, (list, tuple)) else [params] * len(prompts)
     if len(plist) != len(prompts):
       raise ValueError(f"{len(plist)} SamplingParams for {len(prompts)} prompts")
-    seqs = []
+    for p in plist:
+      if not isinstance(p, SamplingParams):
+        raise TypeError(f"params must be a SamplingParams or a list of them, got "
+                        f"{type(p).__name__}")
     now = time.perf_counter()
     # generate() is synchronous: anything still queued is left over from a call that
     # failed part-way (e.g. a request that could never fit), not work to resume.
@@ -235,7 +358,7 @@ class LLM:
       totals["waves"] += 1
     wall = time.perf_counter() - t0
     if bar:
-      bar.close()
+      bar.close(sum(len(s.output_token_ids) for s in seqs))
     outs = [self._output(s) for s in seqs]
     n_out = sum(len(o.token_ids) for o in outs)
     rounds = sum(s.num_rounds for s in seqs)
@@ -287,9 +410,49 @@ class LLM:
     """Forget cached prompt pages (e.g. between benchmark runs of the same prompts)."""
     self.blocks.drop_cached()
 
-  def warmup(self, batch_size: int = 1, prompt_len: int = 16, max_new_tokens: int = 8) -> float:
+  def shape_buckets(self) -> dict:
+    """The shapes this engine compiles programs for; every request lands in one of them.
+
+    batch:          a wave's batch, padded to a power of two up to bucket(max_batch_size);
+    table_widths:   its page-table width (pages per sequence), a power of two from the
+                    smallest reservation's (prompt 1 + 1 token + speculation slack) to the
+                    largest's (max_model_len + slack, at most num_pages);
+    prefill_tokens: per table width, the tokens one prefill takes (the prompt, or its
+                    suffix after cached prefix pages): powers of two >= 16, up to the
+                    longest prompt that fits that width (and max_model_len - 1);
+    sampling:       all-greedy waves and waves that sample compile apart (argmax only).
+
+    Every decode program of a wave is compiled per (batch, table width, sampling), the
+    prefill per (batch, prefill tokens, table width) and per model; `programs` counts
+    what warmup(all_buckets=True) compiles at most."""
+    slack, pool = self.scheduler.slack_tokens, self.blocks
+    powers = lambda lo, hi: [1 << e for e in range(lo.bit_length() - 1, hi.bit_length())]
+    batches = powers(1, bucket(self.scheduler.max_batch_size))
+    widest = min(pool.pages_for(self.max_model_len + slack), pool.num_pages)
+    widths = powers(bucket(pool.pages_for(2 + slack)), bucket(widest))
+    prefill = {}
+    for w in widths:
+      longest = max(1, min(w * pool.page_size - 1 - slack, self.max_model_len - 1))
+      prefill[w] = powers(16, bucket(longest, 16))
+    models = 1 if self.draft is None else 2
+    per_wave = {"ar": 2, "sd": 3, "ssd": 5}[self.method]  # first token + decode programs
+    programs = len(batches) * (2 * len(widths) * per_wave
+                               + models * sum(len(t) for t in prefill.values()))
+    return {"batch": batches, "table_widths": widths, "prefill_tokens": prefill,
+            "sampling": ["greedy", "sampled"], "programs": programs}
+
+  def warmup(self, batch_size: int = 1, prompt_len: int = 16, max_new_tokens: int = 8, *,
+             all_buckets: bool = False, progress: bool = False) -> float:
     """Compile the programs for these shapes (a throwaway generate, then the prefills of
-    shorter suffixes after a cached prefix); returns seconds."""
+    shorter suffixes after a cached prefix); returns seconds.
+
+    all_buckets=True compiles every program of every bucket of `shape_buckets()` instead
+    (the other arguments are then unused), so that no later request compiles anything,
+    whatever its batch, lengths or sampling: what a long-lived engine needs. That is
+    `shape_buckets()["programs"]` compilations; progress=True reports them on stderr with
+    the time left (estimated from those done so far)."""
+    if all_buckets:
+      return self._warm_all_buckets(progress)
     t0 = time.perf_counter()
     ids = [[1 + (i % max(self.cfg.vocab_size - 1, 1)) for i in range(prompt_len)]
            for _ in range(batch_size)]
@@ -300,6 +463,53 @@ class LLM:
         runner.warm_prefill_buckets()
     return time.perf_counter() - t0
 
+  def _warm_all_buckets(self, progress: bool) -> float:
+    b = self.shape_buckets()
+    steps = [("wave", batch, w, greedy) for batch in b["batch"] for w in b["table_widths"]
+             for greedy in (True, False)]
+    runners = (self.target,) if self.draft is None else (self.target, self.draft)
+    steps += [("prefill", batch, w, t) for batch in b["batch"] for w in b["table_widths"]
+              for t in b["prefill_tokens"][w]]
+    t0 = time.perf_counter()
+    c0 = self.decoding.num_compilations()
+    if progress:
+      sys.stderr.write(f"  warmup: {len(steps)} shape sets, at most {b['programs']} programs "
+                       "to compile")
+    for i, (kind, batch, w, x) in enumerate(steps, 1):
+      if kind == "wave":
+        self._warm_wave(batch, w, greedy=x)
+      else:
+        for runner in runners:
+          runner.warm_prefill(batch, x, w)
+      if progress:
+        spent = time.perf_counter() - t0
+        sys.stderr.write(f"\r  warmup: {i}/{len(steps)} shape sets, "
+                         f"{self.decoding.num_compilations() - c0} programs, {spent:.1f} s, "
+                         f"~{spent / i * (len(steps) - i):.0f} s left ")
+        sys.stderr.flush()
+    if progress:
+      sys.stderr.write("\n")
+    return time.perf_counter() - t0
+
+  def _warm_wave(self, batch: int, width: int, greedy: bool) -> None:
+    """One wave padded to `batch` rows with a `width`-page table: a 1-token prompt that
+    decodes 2 tokens (1 where 2 would not fit that width: no decode round happens at it)."""
+    pool, slack = self.blocks, self.scheduler.slack_tokens
+    max_new = 2 if pool.pages_for(3 + slack) <= width else 1
+    seq = Sequence(prompt_token_ids=[1], params=SamplingParams(
+        max_new_tokens=max_new, ignore_eos=True, temperature=0.0 if greedy else 1.0),
+        t_arrival=time.perf_counter())
+    seq.pages, seq.num_cached_tokens = pool.allocate(seq.prompt_token_ids,
+                                                     self.scheduler.reservation(seq))
+    seq.status = Status.RUNNING
+    table = np.zeros((batch, width), np.int32)
+    table[0, :len(seq.pages)] = seq.pages
+    wave = Wave(seqs=[seq], batch=batch, page_table=table)
+    try:
+      self.decoding.run_wave(wave)
+    finally:
+      self.scheduler.finish_wave(wave)
+
 
 class _Progress:
   """A one-line progress display on stderr (tokens generated / budget)."""
@@ -309,14 +519,16 @@ class _Progress:
     self.t0 = time.perf_counter()
     self.last = 0.0
 
-  def update(self, n: int) -> None:
+  def update(self, n: int, end: str = "") -> None:
     now = time.perf_counter()
-    if now - self.last < 0.5:
+    if now - self.last < 0.5 and not end:
       return
     self.last = now
     rate = n / max(now - self.t0, 1e-9)
-    sys.stderr.write(f"\r  generated {n}/{self.total} tokens  {rate:7.1f} tok/s")
+    sys.stderr.write(f"\r  generated {n}/{self.total} tokens  {rate:7.1f} tok/s{end}")
     sys.stderr.flush()
 
-  def close(self) -> None:
-    sys.stderr.write("\n")
+  def close(self, n: int) -> None:
+    """The final count (updates are throttled, so the last one shown may be older)."""
+    self.update(n, "  done" + (" (requests stopped before their max_new_tokens)"
+                               if n < self.total else "") + "\n")

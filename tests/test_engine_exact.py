@@ -244,5 +244,5 @@ def test_ar_rounds_of_several_steps_are_exact(ar_tokens):
   outs = llm.generate(PROMPTS, SamplingParams(max_new_tokens=MAX_NEW))
   for r, o in zip(ar_tokens["batch"], outs):
     assert o.token_ids == (r[:r.index(stop_tok) + 1] if stop_tok in r else r)
-  with pytest.raises(ValueError, match="steps per round"):
+  with pytest.raises(ValueError, match="ar_steps must be >= 1"):
     LLM(TARGET, method="ar", ar_steps=0, **COMMON)

@@ -18,17 +18,27 @@ def resolve_model_dir(path) -> str:
   if path is None:
     from ssd_jax.checkpoint.embedded import embedded_model_dir
     return embedded_model_dir()
+  path = check_source(path)
+  if os.path.isfile(path):
+    from ssd_jax.checkpoint import embedded
+    from ssd_jax.checkpoint.gguf import ensure_converted
+    if _same_file(path, embedded.embedded_gguf_path):
+      return embedded.embedded_model_dir()  # one cache for the embedded model
+    return ensure_converted(path)
+  return path
+
+
+def check_source(path) -> str:
+  """The cheap checks of a model path (exists; a .gguf file or a directory with a
+  config.json), reading nothing else: run before any model is loaded, so that a bad
+  --draft fails at once, not after the target has loaded. Returns the expanded path."""
   path = os.path.expanduser(os.fspath(path))
   if not os.path.exists(path):
     raise CheckpointError(f"{path}: no such file or directory; expected a HuggingFace model "
                           "directory (config.json + *.safetensors) or a .gguf file")
   if os.path.isfile(path):
     if path.lower().endswith(".gguf"):
-      from ssd_jax.checkpoint import embedded
-      from ssd_jax.checkpoint.gguf import ensure_converted
-      if _same_file(path, embedded.embedded_gguf_path):
-        return embedded.embedded_model_dir()  # one cache for the embedded model
-      return ensure_converted(path)
+      return path
     raise CheckpointError(f"{path}: is a file but not a .gguf; expected a HuggingFace model "
                           "directory (config.json + *.safetensors) or a .gguf file")
   if not os.path.isfile(os.path.join(path, "config.json")):

@@ -13,7 +13,9 @@ from __future__ import annotations
 import functools
 import glob
 import json
+import logging
 import os
+import re
 
 import jax
 import jax.numpy as jnp
@@ -29,6 +31,9 @@ from ssd_jax.checkpoint.layout import param_layouts
 
 SUPPORTED_FILE_DTYPES = ("F32", "F16", "BF16", "F64")
 INDEX_NAME = "model.safetensors.index.json"
+_LAYER_PREFIX = re.compile(r"model\.layers\.(\d+)\.")
+
+log = logging.getLogger("ssd_jax")
 
 
 def _one_line(e: BaseException) -> str:
@@ -127,6 +132,34 @@ def _check_unsupported(files: WeightFiles, cfg: ModelConfig, layouts) -> None:
                               "supported: the model has q/k/v biases but no o_proj bias")
 
 
+def _check_unused(files: WeightFiles, cfg: ModelConfig, layouts) -> None:
+  """Tensors the model would not read. Layers beyond num_hidden_layers, or a tensor inside
+  a layer that our architecture lacks, mean the checkpoint is not the model its config
+  describes (generating would silently give other outputs): refused. Anything else
+  (outside the layers) is named in one warning line."""
+  ours = {part.hf_name for layout, _ in layouts for part in layout.parts}
+  unused = sorted(n for n in files.file_of if n not in ours)
+  beyond = sorted({int(m.group(1)) for n in unused if (m := _LAYER_PREFIX.match(n))
+                   and int(m.group(1)) >= cfg.num_layers})
+  if beyond:
+    found = max(beyond) + 1
+    raise CheckpointError(f"{files.label}: holds tensors for {found} layers (up to "
+                          f"model.layers.{found - 1}) but config.json says num_hidden_layers="
+                          f"{cfg.num_layers}; fix num_hidden_layers in config.json")
+  foreign = [n for n in unused if _LAYER_PREFIX.match(n)]
+  if foreign:
+    more = f" (and {len(foreign) - 1} more)" if len(foreign) > 1 else ""
+    raise CheckpointError(f"{files.file_of[foreign[0]]}: tensor {foreign[0]}{more} is not "
+                          f"part of a {cfg.model_type} model as config.json describes it; "
+                          "the checkpoint and its config.json do not match")
+  harmless = lambda n: n.endswith("rotary_emb.inv_freq") or (
+      n == "lm_head.weight" and cfg.tie_word_embeddings)  # HF ties it to the embedding too
+  rest = [n for n in unused if not harmless(n)]
+  if rest:
+    log.warning("%s: ignoring %d tensor(s) the model does not use: %s%s", files.label,
+                len(rest), ", ".join(rest[:4]), ", ..." if len(rest) > 4 else "")
+
+
 def _hf_sharding(layout, sharding):
   """Sharding of the HF-layout tensor that lands each device's block where ours needs it."""
   if not isinstance(sharding, NamedSharding):
@@ -172,6 +205,7 @@ def read_model(model_dir: str, cfg: ModelConfig, *, dtype, mesh=None,
     for part in layout.parts:
       files.check(part.hf_name, part.hf_shape)
   _check_unsupported(files, cfg, layouts)
+  _check_unused(files, cfg, layouts)
   target = np.dtype(jnp.dtype(dtype))
   if on_device is None:
     device = mesh.devices.flat[0] if mesh is not None else jax.devices()[0]

@@ -198,6 +198,9 @@ class DecodingMethod:
     for i, seq in enumerate(wave.seqs):
       if seq.is_finished:
         continue
+      if count[i] == 0:  # the device stopped it in an earlier round: nothing more comes
+        self._finish(seq, "length")
+        continue
       seq.num_rounds += 1
       if "accepted" in info:
         seq.num_accepted += int(info["accepted"][i])

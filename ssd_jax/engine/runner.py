@@ -221,12 +221,30 @@ class ModelRunner:
     for (batch, width), t_max in sorted(self._prefill_widths.items()):
       t = 16
       while t <= t_max:
-        if (batch, t, width) not in self._prefill_shapes:
-          zeros = np.zeros((batch,), np.int32)
-          _, self.kv = self.prefill_fn(self.params, self.kv, *self.put(
-              (np.zeros((batch, t), np.int32), zeros, zeros,
-               np.zeros((batch, width), np.int32))))
-          self._prefill_shapes.add((batch, t, width))
-          ran += 1
+        ran += self.warm_prefill(batch, t, width)
         t *= 2
     return ran
+
+  def warm_prefill(self, batch: int, tokens: int, width: int) -> bool:
+    """Runs the prefill once at these shapes (length 0: writes nothing) unless it has
+    run at them before; returns whether it ran."""
+    if (batch, tokens, width) in self._prefill_shapes:
+      return False
+    zeros = np.zeros((batch,), np.int32)
+    _, self.kv = self.prefill_fn(self.params, self.kv, *self.put(
+        (np.zeros((batch, tokens), np.int32), zeros, zeros,
+         np.zeros((batch, width), np.int32))))
+    self._prefill_shapes.add((batch, tokens, width))
+    return True
+
+  def restore_kv(self) -> bool:
+    """A fresh (zero) KV pool if the current one is gone: a program that donates it was
+    dispatched but its result never stored (an interrupt in between). Returns whether
+    it made one; the old contents are lost, so cached prefixes must be dropped."""
+    if not any(x.is_deleted() for x in jax.tree.leaves(self.kv)):
+      return False
+    n = len(self._jitted)
+    self.kv = self.jit(functools.partial(init_kv_cache, self.cfg, self.num_pages,
+                                         self.page_size, self.kv_dtype))()
+    del self._jitted[n:]  # as in __init__: not a program of the decode path
+    return True

@@ -8,6 +8,9 @@ Per-sequence parameters are arrays, so one compiled step serves a mixed batch.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -25,20 +28,49 @@ class SamplingParams:
   ignore_eos: bool = False
 
   def __post_init__(self):
+    # Every field is checked for its type too: a float max_new_tokens (2.5) would make the
+    # device stop at 2 while the host waits for 2.5, and a NaN temperature samples garbage.
+    _set = functools.partial(object.__setattr__, self)
+    _set("temperature", as_float("temperature", self.temperature))
     if self.temperature < 0:
       raise ValueError(f"temperature must be >= 0, got {self.temperature}")
+    _set("top_k", as_int("top_k", self.top_k))
     if self.top_k < 0:
       raise ValueError(f"top_k must be >= 0 (0 disables it), got {self.top_k}")
+    _set("top_p", as_float("top_p", self.top_p))
     if not 0.0 < self.top_p <= 1.0:
       raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
+    _set("max_new_tokens", as_int("max_new_tokens", self.max_new_tokens))
     if self.max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-    if isinstance(self.stop, str):
-      object.__setattr__(self, "stop", (self.stop,))
+    _set("seed", as_int("seed", self.seed))
+    if not isinstance(self.ignore_eos, (bool, np.bool_)):
+      raise TypeError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
+    _set("ignore_eos", bool(self.ignore_eos))
+    stop = (self.stop,) if isinstance(self.stop, str) else self.stop
+    if not isinstance(stop, (tuple, list)) or not all(isinstance(x, str) for x in stop):
+      raise TypeError(f"stop must be a string or a list of strings, got {self.stop!r}")
+    if any(not x for x in stop):
+      raise ValueError("stop strings must be non-empty (an empty one matches at once)")
+    _set("stop", tuple(stop))
 
   @property
   def greedy(self) -> bool:
     return self.temperature == 0.0
+
+
+def as_int(name: str, value) -> int:
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Integral):
+    raise TypeError(f"{name} must be an integer, got {value!r} ({type(value).__name__})")
+  return int(value)
+
+
+def as_float(name: str, value) -> float:
+  if isinstance(value, (bool, np.bool_)) or not isinstance(value, numbers.Real):
+    raise TypeError(f"{name} must be a number, got {value!r} ({type(value).__name__})")
+  if not math.isfinite(value):
+    raise ValueError(f"{name} must be a finite number, got {value}")
+  return float(value)
 
 
 @jax.tree_util.register_dataclass
