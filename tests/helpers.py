@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -189,3 +190,30 @@ def greedy_generate(model, cfg, prompts, max_new_tokens: int, **kw) -> list[list
   """Greedy continuation of each prompt (no early stop at EOS), via `run_paged`."""
   out = run_paged(model, cfg, prompts, max_new_tokens - 1, **kw)
   return [list(map(int, row)) for row in out["tokens"]]
+
+
+@contextlib.contextmanager
+def fast_gguf_name_maps():
+  """Memoizes `gguf.get_tensor_name_map` while transformers (torch) reads a GGUF.
+
+  transformers rebuilds the same (pure, read-only) name map once per module of the model,
+  which is most of its GGUF load time for a small model; the cache is removed afterwards.
+  Only the torch references in the tests load GGUF through transformers.
+  """
+  import gguf as gguf_pkg
+  orig = gguf_pkg.get_tensor_name_map
+  gguf_pkg.get_tensor_name_map = functools.lru_cache(maxsize=None)(orig)
+  try:
+    yield
+  finally:
+    gguf_pkg.get_tensor_name_map = orig
+
+
+def load_gguf_with_transformers(gguf_path: str):
+  """The torch reference: transformers' own GGUF loader (dequantizes into a torch model)."""
+  import torch
+  import transformers
+  with fast_gguf_name_maps():
+    return transformers.AutoModelForCausalLM.from_pretrained(
+        os.path.dirname(gguf_path), gguf_file=os.path.basename(gguf_path),
+        dtype=torch.float32, local_files_only=True).eval()

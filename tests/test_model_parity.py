@@ -123,8 +123,6 @@ def _chat_prompts(tok):
 
 def test_embedded_default_greedy_matches_transformers_gguf():
   import torch
-  import transformers
-  from ssd_jax.checkpoint.gguf import fast_gguf_name_maps
   model, cfg = load_model(None)
   tok = load_tokenizer(None)
   assert cfg.model_type == "llama" and cfg.tie_word_embeddings and cfg.num_layers == 30
@@ -132,11 +130,7 @@ def test_embedded_default_greedy_matches_transformers_gguf():
   assert len(prompts[0]) != len(prompts[1])  # ragged batch
   new = 16
   ours = helpers.greedy_generate(model, cfg, prompts, new)
-  gguf = embedded_gguf_path()
-  with fast_gguf_name_maps():
-    hf = transformers.AutoModelForCausalLM.from_pretrained(
-        os.path.dirname(gguf), gguf_file=os.path.basename(gguf), dtype=torch.float32,
-        local_files_only=True).eval()
+  hf = helpers.load_gguf_with_transformers(embedded_gguf_path())
   for prompt, mine in zip(prompts, ours):
     ids = torch.tensor([prompt])
     with torch.no_grad():
