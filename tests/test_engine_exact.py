@@ -33,7 +33,7 @@ def _generate(llm, prompts, max_new=MAX_NEW, ignore_eos=True):
 
 @pytest.fixture(scope="module")
 def ar_tokens():
-  llm = LLM(TARGET, method="ar", **COMMON)
+  llm = LLM(TARGET, method="ar", ar_steps=1, **COMMON)  # the reference: one step a program
   return {"batch": _generate(llm, PROMPTS),
           "single": [_generate(llm, [p])[0] for p in PROMPTS[:2]]}
 
