@@ -18,49 +18,63 @@ import tempfile
 
 from absl import app, flags
 
-FLAGS = flags.FLAGS
+FLAGS = flags.FLAGS  # the FlagValues define_flags() defined the flags on
 
-flags.DEFINE_string("model", None, "Target: HuggingFace dir or .gguf file (default: the "
-                    "embedded SmolLM2-135M-Instruct).")
-flags.DEFINE_string("draft", None, "Draft model dir/.gguf for sd/ssd (default with the "
-                    "embedded target: the bundled distilled draft).")
-flags.DEFINE_enum("method", "ar", ["ar", "sd", "ssd"], "Decoding method.")
-flags.DEFINE_string("mesh", "1x1", "Target mesh TxD: T-way tensor parallel x D replicas.")
-flags.DEFINE_integer("draft_devices", 0, "Devices after the target's for the draft's own "
-                     "mesh (0: the draft shares the target's devices).")
-flags.DEFINE_integer("k", 7, "Draft tokens per round (sd/ssd).")
-flags.DEFINE_integer("f", 3, "SSD fan-out: recovery candidates per acceptance length.")
-flags.DEFINE_string("fanout_hit", None, "SSD fan-out list after a cache hit, K+1 "
-                    "comma-separated counts (default: f everywhere).")
-flags.DEFINE_string("fanout_miss", None, "SSD fan-out list after a miss (same total).")
-flags.DEFINE_enum("fallback", None, ["jit", "fast"], "SSD miss fallback (default: jit for "
-                  "batch <= 4, fast above).")
-flags.DEFINE_float("sampler_x", None, "SSD cache-aware sampling factor in (0, 1] applied to "
-                   "the draft's top-F tokens (temperature > 0).")
-flags.DEFINE_float("draft_temperature", None, "Draft sampling temperature (default: the "
-                   "request's temperature).")
-flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0 = greedy).")
-flags.DEFINE_integer("top_k", 0, "Top-k (0 = off).")
-flags.DEFINE_float("top_p", 1.0, "Top-p.")
-flags.DEFINE_integer("seed", 0, "PRNG seed.")
-flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate per prompt.")
-flags.DEFINE_multi_string("stop", [], "Stop string (repeatable).")
-flags.DEFINE_bool("ignore_eos", False, "Keep generating past EOS.")
-flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
-                  "Compute dtype (default: bfloat16 on GPU, float32 elsewhere).")
-flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).")
-flags.DEFINE_string("prompts_file", None, "File with one prompt per line (or .jsonl with a "
-                    "'prompt' field).")
-flags.DEFINE_bool("chat_template", True, "Apply the tokenizer's chat template to prompts "
-                  "(when it has one).")
-flags.DEFINE_integer("batch_size", 8, "Max sequences decoded together.")
-flags.DEFINE_integer("max_model_len", 2048, "Max prompt + generated tokens per sequence.")
-flags.DEFINE_integer("page_size", 64, "KV cache page size (tokens).")
-flags.DEFINE_enum("attention", "auto", ["auto", "xla", "pallas"], "Attention "
-                  "implementation (auto: Pallas on GPU, XLA elsewhere).")
-flags.DEFINE_bool("profile", False, "Time every round (blocks at round ends).")
-flags.DEFINE_string("output_json", None, "Write prompts, token ids, texts and metrics here.")
-flags.DEFINE_bool("quiet", False, "Do not print generations.")
+
+def define_flags(fv: flags.FlagValues | None = None) -> flags.FlagValues:
+  """Defines the command line's flags on `fv` (absl's global FLAGS by default) and makes
+  them the ones this module reads. A function, not import-time definitions, so that a
+  process that imports the CLI (tests) can still define other programs' flags."""
+  global FLAGS
+  fv = flags.FLAGS if fv is None else fv
+  flags.DEFINE_string("model", None, "Target: HuggingFace dir or .gguf file (default: the "
+                      "embedded SmolLM2-135M-Instruct).", flag_values=fv)
+  flags.DEFINE_string("draft", None, "Draft model dir/.gguf for sd/ssd (default with the "
+                      "embedded target: the bundled distilled draft).", flag_values=fv)
+  flags.DEFINE_enum("method", "ar", ["ar", "sd", "ssd"], "Decoding method.", flag_values=fv)
+  flags.DEFINE_string("mesh", "1x1", "Target mesh TxD: T-way tensor parallel x D replicas.",
+                      flag_values=fv)
+  flags.DEFINE_integer("draft_devices", 0, "Devices after the target's for the draft's own "
+                       "mesh (0: the draft shares the target's devices).", flag_values=fv)
+  flags.DEFINE_integer("k", 7, "Draft tokens per round (sd/ssd).", flag_values=fv)
+  flags.DEFINE_integer("f", 3, "SSD fan-out: recovery candidates per acceptance length.",
+                       flag_values=fv)
+  flags.DEFINE_string("fanout_hit", None, "SSD fan-out list after a cache hit, K+1 "
+                      "comma-separated counts (default: f everywhere).", flag_values=fv)
+  flags.DEFINE_string("fanout_miss", None, "SSD fan-out list after a miss (same total).",
+                      flag_values=fv)
+  flags.DEFINE_enum("fallback", None, ["jit", "fast"], "SSD miss fallback (default: jit for "
+                    "batch <= 4, fast above).", flag_values=fv)
+  flags.DEFINE_float("sampler_x", None, "SSD cache-aware sampling factor in (0, 1] applied to "
+                     "the draft's top-F tokens (temperature > 0).", flag_values=fv)
+  flags.DEFINE_float("draft_temperature", None, "Draft sampling temperature (default: the "
+                     "request's temperature).", flag_values=fv)
+  flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0 = greedy).", flag_values=fv)
+  flags.DEFINE_integer("top_k", 0, "Top-k (0 = off).", flag_values=fv)
+  flags.DEFINE_float("top_p", 1.0, "Top-p.", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "PRNG seed.", flag_values=fv)
+  flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate per prompt.", flag_values=fv)
+  flags.DEFINE_multi_string("stop", [], "Stop string (repeatable).", flag_values=fv)
+  flags.DEFINE_bool("ignore_eos", False, "Keep generating past EOS.", flag_values=fv)
+  flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"],
+                    "Compute dtype (default: bfloat16 on GPU, float32 elsewhere).", flag_values=fv)
+  flags.DEFINE_multi_string("prompt", [], "A prompt (repeatable).", flag_values=fv)
+  flags.DEFINE_string("prompts_file", None, "File with one prompt per line (or .jsonl with a "
+                      "'prompt' field).", flag_values=fv)
+  flags.DEFINE_bool("chat_template", True, "Apply the tokenizer's chat template to prompts "
+                    "(when it has one).", flag_values=fv)
+  flags.DEFINE_integer("batch_size", 8, "Max sequences decoded together.", flag_values=fv)
+  flags.DEFINE_integer("max_model_len", 2048, "Max prompt + generated tokens per sequence.",
+                       flag_values=fv)
+  flags.DEFINE_integer("page_size", 64, "KV cache page size (tokens).", flag_values=fv)
+  flags.DEFINE_enum("attention", "auto", ["auto", "xla", "pallas"], "Attention "
+                    "implementation (auto: Pallas on GPU, XLA elsewhere).", flag_values=fv)
+  flags.DEFINE_bool("profile", False, "Time every round (blocks at round ends).", flag_values=fv)
+  flags.DEFINE_string("output_json", None, "Write prompts, token ids, texts and metrics here.",
+                      flag_values=fv)
+  flags.DEFINE_bool("quiet", False, "Do not print generations.", flag_values=fv)
+  FLAGS = fv
+  return fv
 
 DEFAULT_PROMPT = "Write a Python function that checks whether a number is prime."
 
@@ -358,6 +372,7 @@ def entry():
   # absl spells multi-word flags with underscores; accept the dashed forms as well.
   argv = [a.replace("--draft-devices", "--draft_devices").replace(
       "--max-new-tokens", "--max_new_tokens") for a in sys.argv]
+  define_flags()
   _INTERRUPTS.install()
   try:
     app.run(main, argv=argv, flags_parser=_parse_flags)

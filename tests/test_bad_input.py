@@ -24,7 +24,7 @@ from ssd_jax.checkpoint import CheckpointError, load_model, write_random_hf_chec
 from engine_models import noisy_copy, tiny_config, tiny_target
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-FLAGS = flags.FLAGS
+
 SMALL = dict(page_size=16, max_model_len=32)
 
 
@@ -41,14 +41,17 @@ def tiny_ckpt(tmp_path_factory):
                                     dtype="float32")
 
 
+CLI_FLAGS = cli.define_flags(flags.FlagValues())  # its own, beside other programs' flags
+
+
 def _cli(*args, capsys):
   """Runs the CLI's main() in-process on these flags: (exit code, stderr)."""
-  FLAGS.unparse_flags()
-  FLAGS(["launch", *args])
+  CLI_FLAGS.unparse_flags()
+  CLI_FLAGS(["launch", *args])
   try:
     code = cli.main(["launch"])
   finally:
-    FLAGS.unparse_flags()
+    CLI_FLAGS.unparse_flags()
   return code, capsys.readouterr().err
 
 
@@ -158,11 +161,11 @@ def test_jsonl_prompts_must_be_strings_or_token_ids(tmp_path, capsys):
   assert code == 2 and f"{mixed}:2: 'prompt' must be a string" in err
   ids = tmp_path / "ids.jsonl"
   ids.write_text('{"prompt": [5, 7]}\n{"prompt": "text"}\n')
-  FLAGS(["launch", "--prompts_file", str(ids)])
+  CLI_FLAGS(["launch", "--prompts_file", str(ids)])
   try:
     assert cli._read_prompts() == [[5, 7], "text"]
   finally:
-    FLAGS.unparse_flags()
+    CLI_FLAGS.unparse_flags()
 
 
 def test_generate_keeps_prompts_apart(llm):
@@ -287,11 +290,11 @@ def test_prompts_file_encoding(tmp_path, capsys):
   assert code == 2 and f"--prompts_file {binary}: not UTF-8 text (byte 0x89 at offset 0)" in err
   bom = tmp_path / "bom.jsonl"
   bom.write_bytes(b'\xef\xbb\xbf{"prompt": "first"}\n{"prompt": "second"}\n')
-  FLAGS(["launch", "--prompts_file", str(bom)])
+  CLI_FLAGS(["launch", "--prompts_file", str(bom)])
   try:
     assert cli._read_prompts() == ["first", "second"]
   finally:
-    FLAGS.unparse_flags()
+    CLI_FLAGS.unparse_flags()
 
 
 def test_progress_line_ends_at_the_final_count(llm, capsys):
@@ -311,13 +314,13 @@ def test_interrupted_generate_keeps_finished_outputs(llm):
   real = llm.decoding.run_wave
   waves = []
 
-  def run_wave(wave, progress=None):
+  def run_wave(wave, progress=None, obs=None):
     waves.append(wave)
     if len(waves) == 2:
       for x in jax.tree.leaves(llm.target.kv):
         x.delete()  # as if interrupted after a dispatch, before its result was kept
       raise KeyboardInterrupt
-    return real(wave, progress)
+    return real(wave, progress, obs)
   llm.decoding.run_wave = run_wave
   try:
     with pytest.raises(KeyboardInterrupt) as info:

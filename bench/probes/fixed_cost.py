@@ -11,8 +11,8 @@ one sequence:
               sequence, plus the KV it attends to) / the read ceiling;
   ratio       floor_ms / ms (1.0: at the read floor).
 
-The read ceiling is a jnp.sum over >= 4 GB (bytes read / median time); a copy (x * 2,
-bytes read + written) is measured beside it and labelled, never used as the floor.
+The read ceiling and the copy figure beside it are bench/roofline.py's (calls queued back
+to back); the copy figure is labelled and never used as the floor.
 Variants are `rows<R>_steps<S>`: steps of fewer than R tokens padded to R rows
 (LLM(min_step_rows=R)) and S decode steps per AR round (LLM(ar_steps=S)).
 
@@ -45,24 +45,6 @@ flags.DEFINE_string("dtype", "bfloat16", "Weights and compute dtype.")
 flags.DEFINE_string("attention", "auto", "auto | xla | pallas.")
 flags.DEFINE_string("output_json", None, "Write the results here.")
 FLAGS = flags.FLAGS
-
-
-def bandwidth(nbytes: float, reps: int = 10) -> dict:
-  """Read ceiling (a reduction) and copy figure (x * 2) over one array of nbytes."""
-  n = int(nbytes) // 2
-  x = jnp.ones((n,), jnp.bfloat16)
-  out = {}
-  for name, fn, moved in (("read", jax.jit(lambda a: jnp.sum(a, dtype=jnp.float32)), n * 2),
-                          ("copy", jax.jit(lambda a: a * 2), n * 4)):
-    fn(x).block_until_ready()
-    times = []
-    for _ in range(reps):
-      t0 = time.perf_counter()
-      fn(x).block_until_ready()
-      times.append(time.perf_counter() - t0)
-    out[f"{name}_TBps"] = moved / float(np.median(times)) / 1e12
-  del x
-  return out
 
 
 def step_bytes(cfg, batch: int, context: float, itemsize: int) -> float:
@@ -114,7 +96,10 @@ def main(argv):
          "date": time.strftime("%Y-%m-%d"), "flags": {k: FLAGS[k].value for k in (
              "models", "batches", "variants", "prompt_len", "new_tokens", "dtype",
              "attention")}}
-  res.update(bandwidth(FLAGS.read_gb * 1e9))
+  from bench import roofline
+  res["read_TBps"] = roofline.measure_read_bandwidth(int(FLAGS.read_gb * 1e9))[
+      "bandwidth_Bps"] / 1e12
+  res["copy_TBps"] = roofline.measure_copy_bandwidth()["bandwidth_Bps"] / 1e12
   read = res["read_TBps"] * 1e12
   print(f"read ceiling {res['read_TBps']:.2f} TB/s (copy, read + written: "
         f"{res['copy_TBps']:.2f} TB/s)", flush=True)
