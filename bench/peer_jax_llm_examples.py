@@ -94,17 +94,18 @@ def import_peer(llama3_dir: str):
         import jax.experimental.array_serialization.pytree_serialization  # noqa: F401
     except ImportError as e:
         # Only the peer's save_pytree/load_pytree need it; a placeholder that fails if used.
+        why = _one_line(e)
         name = "jax.experimental.array_serialization.pytree_serialization"
         for k in [k for k in sys.modules if k.startswith(name)]:
             del sys.modules[k]
         stub = types.ModuleType(name)
 
         def _unavailable(*_a, **_k):
-            raise ImportError(f"{name} unavailable here ({_one_line(e)})")
+            raise ImportError(f"{name} unavailable here ({why})")
 
         stub.save = stub.load = stub.load_pytreedef = _unavailable
         sys.modules[name] = stub
-        shims.append(f"{name} -> placeholder ({_one_line(e)})")
+        shims.append(f"{name} -> placeholder ({why})")
     from llama3_jax import model as l3jax
     from llama3_jax import configs as l3configs
     if not os.path.abspath(l3jax.__file__).startswith(llama3_dir):

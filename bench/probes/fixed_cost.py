@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import re
-import sys
 import time
 
 import jax

@@ -11,12 +11,9 @@ the (shared) unembedding expect.
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import json
 import os
-import shutil
 
-import jax
 import jax.numpy as jnp
 from flax import nnx
 
