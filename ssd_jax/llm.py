@@ -19,6 +19,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from ssd_jax.checkpoint.cache import enable_compilation_cache
 from ssd_jax.decoding.ar import ARMethod
 from ssd_jax.engine.pages import PagePool
 from ssd_jax.engine.loop import DecodingMethod, Wave
@@ -169,6 +170,8 @@ class LLM:
     self.profile = profile  # time every round (engine/observe.py)
     self.trace_host = False  # time every host dispatch of a round (engine/observe.py)
     self.max_model_len = max_model_len
+    # Compiled programs persist across runs (~/.cache/ssd_jax/xla; see checkpoint/cache.py).
+    enable_compilation_cache()
     impl = resolve_impl(attention_impl)
     spec = MeshSpec.parse(mesh) if isinstance(mesh, str) else mesh
     if method == "ar" and draft_devices:

@@ -65,8 +65,13 @@ def draft_decode(runner, params, kv, tokens0, pos0, live, page_table, *, k: int,
 
   def step(kv, tok, pos, key, top_f):
     attn = paged_step(page_table, pos, live[:, None], ps)
-    logits, kv, _ = runner.forward(params, kv, tok, pos, attn)
-    nxt, q = draw(logits[:, -1], temperature, key, want_q, sampler_x, top_f, max_f)
+    # Only the last query's logits are drawn from: with Q0 > 1 (SD's first step) the head,
+    # a draft step's largest GEMM, runs for that row alone.
+    last = (jnp.full((tok.shape[0],), tok.shape[1] - 1, jnp.int32) if tok.shape[1] > 1
+            else None)
+    logits, kv, _ = runner.forward(params, kv, tok, pos, attn, logits_at=last)
+    logits = logits if last is not None else logits[:, -1]
+    nxt, q = draw(logits, temperature, key, want_q, sampler_x, top_f, max_f)
     return kv, nxt, q
 
   keys = jax.random.split(key, k)
