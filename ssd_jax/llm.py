@@ -274,9 +274,13 @@ class LLM:
     return ids
 
   def generate(self, prompts, params: SamplingParams | Seq[SamplingParams] | None = None,
-               *, chat_template: bool = False, progress: bool = False) -> list[RequestOutput]:
+               *, chat_template: bool = False, progress: bool = False,
+               on_tokens=None) -> list[RequestOutput]:
     """Generates for every prompt (a string, or a list of token ids) and returns one
     RequestOutput per prompt, in order; they are also kept in `self.last_outputs`.
+
+    on_tokens: None, or one callable (or None) per prompt, set as that request's
+    `Sequence.on_tokens` (streaming and abort; engine/stream.py, serve/engine.py).
 
     On KeyboardInterrupt (Ctrl-C; the CLI raises one for SIGTERM as well) the work that
     finished is not lost: the exception is re-raised with `.outputs`, a list in prompt
@@ -284,7 +288,7 @@ class LLM:
     others (the same list is `self.last_outputs`), and the engine stays usable."""
     seqs: list[Sequence] = []
     try:
-      outs = self._generate(prompts, params, chat_template, progress, seqs)
+      outs = self._generate(prompts, params, chat_template, progress, seqs, on_tokens)
     except KeyboardInterrupt as e:
       if progress:
         sys.stderr.write("\n")  # end the progress line
@@ -312,7 +316,7 @@ class LLM:
     return self.last_outputs
 
   def _generate(self, prompts, params, chat_template: bool, progress: bool,
-                seqs: list[Sequence]) -> list[RequestOutput]:
+                seqs: list[Sequence], on_tokens=None) -> list[RequestOutput]:
     prompts = _normalize_prompts(prompts)
     if not prompts:
       return []
@@ -324,11 +328,14 @@ class LLM:
       if not isinstance(p, SamplingParams):
         raise TypeError(f"params must be a SamplingParams or a list of them, got "
                         f"{type(p).__name__}")
+    hooks = [None] * len(prompts) if on_tokens is None else list(on_tokens)
+    if len(hooks) != len(prompts):
+      raise ValueError(f"{len(hooks)} on_tokens callbacks for {len(prompts)} prompts")
     now = time.perf_counter()
     # generate() is synchronous: anything still queued is left over from a call that
     # failed part-way (e.g. a request that could never fit), not work to resume.
     self.scheduler.waiting.clear()
-    for prompt, p in zip(prompts, plist):
+    for prompt, p, hook in zip(prompts, plist, hooks):
       ids = self.encode(prompt, chat_template)
       if not ids:
         raise ValueError("a prompt is empty: it must contain at least one token")
@@ -336,7 +343,8 @@ class LLM:
         raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({p.max_new_tokens}) "
                          f"exceeds max_model_len={self.max_model_len}; raise max_model_len")
       seq = Sequence(prompt_token_ids=ids, params=p,
-                     prompt=prompt if isinstance(prompt, str) else None, t_arrival=now)
+                     prompt=prompt if isinstance(prompt, str) else None, t_arrival=now,
+                     on_tokens=hook)
       self.scheduler.add(seq)
       seqs.append(seq)
     total_new = sum(p.max_new_tokens for p in plist)

@@ -165,6 +165,9 @@ class DecodingMethod:
     pending: collections.deque = collections.deque()
     t_dec = time.perf_counter()
     while True:
+      for s in wave.seqs:  # a client went away: stop waiting for its sequence
+        if s.abort_requested and not s.is_finished:
+          self._finish(s, "abort")
       if all(s.is_finished for s in wave.seqs):
         break
       t_round = time.perf_counter()
@@ -227,6 +230,8 @@ class DecodingMethod:
       if len(seq.output_token_ids) >= p.max_new_tokens:
         self._finish(seq, "length")
         return
+    if seq.on_tokens is not None:  # (a finish above has notified already)
+      seq.on_tokens(seq)
 
   def _hit_stop_string(self, seq: Sequence) -> bool:
     tail = self.decode_text(seq.output_token_ids[-32:])
@@ -236,3 +241,5 @@ class DecodingMethod:
     seq.status = Status.FINISHED
     seq.finish_reason = reason
     seq.t_finish = time.perf_counter()
+    if seq.on_tokens is not None:
+      seq.on_tokens(seq)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import enum
 import itertools
+from typing import Callable
 
 from ssd_jax.engine.sampling import SamplingParams
 
@@ -36,6 +37,13 @@ class Sequence:
   num_accepted: int = 0           # draft tokens accepted, summed over rounds
   num_lookups: int = 0            # SSD cache lookups
   num_hits: int = 0
+  # Streaming and cancellation (serve/): on_tokens(seq) runs on the engine's thread after
+  # each batch of new tokens and once at finish; it must be quick (it delays the next
+  # round). abort_requested=True makes the host loop finish the sequence (reason
+  # "abort") at its next round, so the wave stops waiting for it.
+  on_tokens: Callable[["Sequence"], None] | None = dataclasses.field(default=None,
+                                                                     repr=False)
+  abort_requested: bool = False
 
   @property
   def prompt_len(self) -> int:
