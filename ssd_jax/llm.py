@@ -275,12 +275,14 @@ class LLM:
 
   def generate(self, prompts, params: SamplingParams | Seq[SamplingParams] | None = None,
                *, chat_template: bool = False, progress: bool = False,
-               on_tokens=None) -> list[RequestOutput]:
+               on_tokens=None, observer: RoundObserver | None = None) -> list[RequestOutput]:
     """Generates for every prompt (a string, or a list of token ids) and returns one
     RequestOutput per prompt, in order; they are also kept in `self.last_outputs`.
 
     on_tokens: None, or one callable (or None) per prompt, set as that request's
     `Sequence.on_tokens` (streaming and abort; engine/stream.py, serve/engine.py).
+    observer: a RoundObserver (engine/observe.py) to use instead of the one built from
+    `profile`/`trace_host`, e.g. one that records every round's accepted/hit per row.
 
     On KeyboardInterrupt (Ctrl-C; the CLI raises one for SIGTERM as well) the work that
     finished is not lost: the exception is re-raised with `.outputs`, a list in prompt
@@ -288,7 +290,8 @@ class LLM:
     others (the same list is `self.last_outputs`), and the engine stays usable."""
     seqs: list[Sequence] = []
     try:
-      outs = self._generate(prompts, params, chat_template, progress, seqs, on_tokens)
+      outs = self._generate(prompts, params, chat_template, progress, seqs, on_tokens,
+                            observer)
     except KeyboardInterrupt as e:
       if progress:
         sys.stderr.write("\n")  # end the progress line
@@ -316,7 +319,8 @@ class LLM:
     return self.last_outputs
 
   def _generate(self, prompts, params, chat_template: bool, progress: bool,
-                seqs: list[Sequence], on_tokens=None) -> list[RequestOutput]:
+                seqs: list[Sequence], on_tokens=None,
+                observer: RoundObserver | None = None) -> list[RequestOutput]:
     prompts = _normalize_prompts(prompts)
     if not prompts:
       return []
@@ -351,7 +355,7 @@ class LLM:
     bar = _Progress(total_new) if progress else None
     compiles0 = self.decoding.num_compilations()
     totals = {"rounds": 0, "decode_s": 0.0, "prefill_s": 0.0, "waves": 0}
-    obs = RoundObserver(profile=self.profile, trace_host=self.trace_host)
+    obs = observer or RoundObserver(profile=self.profile, trace_host=self.trace_host)
     done_before = 0
     t0 = time.perf_counter()
     while (wave := self.scheduler.next_wave()) is not None:

@@ -184,9 +184,9 @@ class DecodingMethod:
       pending.append((emitted, count, info))
       if len(pending) > self.lag:
         with obs.host("drain"):
-          self._drain(wave, pending.popleft(), progress)
+          self._drain(wave, pending.popleft(), progress, obs)
     while pending:
-      self._drain(wave, pending.popleft(), progress)
+      self._drain(wave, pending.popleft(), progress, obs)
     self.finish()
     for seq in wave.seqs:  # a sequence the device stopped without a host-side reason
       if not seq.is_finished:
@@ -194,10 +194,11 @@ class DecodingMethod:
     stats.decode_s = time.perf_counter() - t_dec
     return stats
 
-  def _drain(self, wave: Wave, item, progress) -> None:
+  def _drain(self, wave: Wave, item, progress, obs: RoundObserver) -> None:
     emitted, count, info = item
     emitted, count = np.asarray(emitted), np.asarray(count)
     info = {k: np.asarray(v) for k, v in info.items()}
+    obs.round_read([s if not s.is_finished else None for s in wave.seqs], count, info)
     for i, seq in enumerate(wave.seqs):
       if seq.is_finished:
         continue

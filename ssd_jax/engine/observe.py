@@ -41,6 +41,13 @@ class RoundObserver:
     finally:
       self.phase_times[f"host_{name}"].append(time.perf_counter() - t0)
 
+  def round_read(self, rows: list, count: np.ndarray, info: dict) -> None:
+    """Called once per round when the host reads its results (lagged), on the caller's
+    thread: rows[i] is the Sequence in batch row i (None for an empty row), count[i] the
+    tokens it emitted, info the round's per-row arrays as numpy (SD/SSD: "accepted";
+    SSD: "hit", "looked_up"). The base observer ignores it; a subclass may record
+    per-round traces (bench/)."""
+
   def phase(self, name: str, seconds: float) -> None:
     self.phase_times[name].append(seconds)
 
