@@ -5,7 +5,7 @@ Runs the README's prompt (chat template, greedy, float32, batch 1) through
   * our engine: AR, and SD with the bundled draft, for each page pool of --pools
     ("BxL": LLM(max_batch_size=B, max_model_len=L); 8x2048 is the CLI's default pool);
   * the peer: transformers `generate` on the same converted weights, eager, float32,
-    dynamic cache (launch/peer_transformers.py's Peer with compile off),
+    dynamic cache (bench/peer_transformers.py's Peer with compile off),
 
 back to back, with the timed repetitions interleaved (engine configs, then the peer, per
 repetition) so that a CPU shared with other work slows every side alike. The peer runs in
@@ -45,7 +45,7 @@ PROMPT = "Write a Python function that checks whether a number is prime."
 
 
 def _peer_class():
-  path = os.path.join(_ROOT, "launch", "peer_transformers.py")
+  path = os.path.join(_ROOT, "bench", "peer_transformers.py")
   spec = importlib.util.spec_from_file_location("_peer_transformers", path)
   mod = importlib.util.module_from_spec(spec)
   spec.loader.exec_module(mod)
