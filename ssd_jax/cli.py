@@ -10,6 +10,7 @@ uses the embedded SmolLM2-135M-Instruct (and, for sd/ssd, its distilled draft).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import signal
@@ -52,7 +53,9 @@ def define_flags(fv: flags.FlagValues | None = None) -> flags.FlagValues:
   flags.DEFINE_float("temperature", 0.0, "Sampling temperature (0 = greedy).", flag_values=fv)
   flags.DEFINE_integer("top_k", 0, "Top-k (0 = off).", flag_values=fv)
   flags.DEFINE_float("top_p", 1.0, "Top-p.", flag_values=fv)
-  flags.DEFINE_integer("seed", 0, "PRNG seed.", flag_values=fv)
+  flags.DEFINE_integer("seed", 0, "PRNG seed: prompt i samples with seed + i (the same seed "
+                       "gives the same tokens, whatever else is in the batch).",
+                       flag_values=fv)
   flags.DEFINE_integer("max_new_tokens", 128, "Tokens to generate per prompt.", flag_values=fv)
   flags.DEFINE_multi_string("stop", [], "Stop string (repeatable).", flag_values=fv)
   flags.DEFINE_bool("ignore_eos", False, "Keep generating past EOS.", flag_values=fv)
@@ -292,6 +295,7 @@ def run() -> dict:
             max_model_len=FLAGS.max_model_len, page_size=FLAGS.page_size,
             attention_impl=FLAGS.attention, profile=FLAGS.profile)
   use_chat = FLAGS.chat_template and bool(getattr(llm.tokenizer, "chat_template", None))
+  params = [dataclasses.replace(params, seed=FLAGS.seed + i) for i in range(len(prompts))]
   outs = llm.generate(prompts, params, chat_template=use_chat, progress=sys.stderr.isatty()
                       or len(prompts) > 1)
   _RUN["outputs"] = outs

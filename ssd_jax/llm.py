@@ -1,8 +1,9 @@
 """The user-facing engine: `LLM(...).generate(prompts, SamplingParams(...))`.
 
-Reads like the pipeline it is: requests become `Sequence`s, the `Scheduler` admits them in
-waves with their KV pages, a `DecodingMethod` (AR, SD or SSD) runs each wave on the model
-runners, and outputs come back as `RequestOutput`s with per-request metrics.
+Reads like the pipeline it is: requests become `Sequence`s, the `Scheduler` lets them join
+and leave the running batch between rounds with their KV pages, a `DecodingMethod` (AR,
+SD or SSD) runs the rounds on the model runners, and outputs come back as
+`RequestOutput`s with per-request metrics.
 """
 
 from __future__ import annotations
@@ -22,12 +23,13 @@ import numpy as np
 from ssd_jax.checkpoint.cache import enable_compilation_cache
 from ssd_jax.decoding.ar import ARMethod
 from ssd_jax.engine.pages import PagePool
-from ssd_jax.engine.loop import DecodingMethod, Wave
+from ssd_jax.engine import warmup
+from ssd_jax.engine.loop import DecodingMethod
 from ssd_jax.engine.observe import RoundObserver
-from ssd_jax.engine.runner import ModelRunner, bucket, compiler_options_for
+from ssd_jax.engine.runner import ModelRunner, compiler_options_for
 from ssd_jax.engine.sampling import SamplingParams, as_float
 from ssd_jax.engine.scheduler import Scheduler
-from ssd_jax.engine.sequence import Sequence, Status
+from ssd_jax.engine.sequence import Sequence
 from ssd_jax.kernels import resolve_impl
 from ssd_jax.sharding.mesh import MeshSpec, check_model_fits, make_meshes
 
@@ -188,8 +190,7 @@ class LLM:
                               page_size=page_size, name="target", compiler_options=copts,
                               min_rows=min_step_rows)
     self.blocks = PagePool(num_pages, page_size)
-    slack = k + 1 if method != "ar" else 0
-    self.scheduler = Scheduler(self.blocks, max_batch_size, slack)
+    self.max_batch_size = max_batch_size
     eos = self.cfg.eos_token_ids or ((self.tokenizer.eos_token_id,)
                                      if self.tokenizer is not None
                                      and self.tokenizer.eos_token_id is not None else ())
@@ -203,6 +204,7 @@ class LLM:
       self.decoding: DecodingMethod = ARMethod(self.target, decode, self.eos_ids,
                                                steps=ar_steps)
       self.draft = None
+      self._make_scheduler()
       return
     if draft is None and model is None:
       from ssd_jax.checkpoint.default_draft import ensure_default_draft
@@ -226,6 +228,12 @@ class LLM:
     else:
       from ssd_jax.decoding.ssd import SSDMethod
       self.decoding = SSDMethod(self.target, self.draft, ssd_opts, decode, self.eos_ids)
+    self._make_scheduler()
+
+  def _make_scheduler(self) -> None:
+    d = self.decoding
+    self.scheduler = Scheduler(self.blocks, self.max_batch_size, d.slack_tokens,
+                               round_tokens=d.round_tokens, lag=d.lag)
 
   # -- loading ----------------------------------------------------------------------------
   def _load(self, source, mesh, impl, tokenizer, role):
@@ -303,20 +311,28 @@ class LLM:
   def _keep_finished(self, seqs: list[Sequence]) -> list[RequestOutput | None]:
     """After an interruption: the outputs of the sequences that finished, and an engine
     that can run again (no job of the decoder still running, no pages held)."""
+    self.recover()
+    self.last_outputs = [self._output(s) if s.is_finished else None for s in seqs]
+    return self.last_outputs
+
+  def recover(self) -> None:
+    """After a run was interrupted or failed: no job of the decoder still running, no
+    sequence queued or holding pages, and a KV pool to run on."""
     try:
       self.decoding.finish()  # SSD's draft thread may be dispatching a job
     except BaseException:  # its error, if any, does not matter any more
       pass
-    self.scheduler.waiting.clear()
-    for seq in seqs:
-      if seq.pages:  # interrupted between admission and the wave's end
-        self.blocks.free(seq.pages)
-        seq.pages = []
+    self.scheduler.abort_all()
     runners = (self.target, self.draft) if self.draft is not None else (self.target,)
     if any([r.restore_kv() for r in runners]):
       self.blocks.drop_cached()  # the cached prefixes' KV went with the lost pool
-    self.last_outputs = [self._output(s) if s.is_finished else None for s in seqs]
-    return self.last_outputs
+
+  def serve(self, poll, observer: RoundObserver | None = None) -> None:
+    """Run the host loop until poll(idle=True) returns False (serve/engine.py): poll
+    queues new sequences into `self.scheduler` (make_sequence, then scheduler.add)
+    between rounds; they join the running batch as rows and pages allow."""
+    obs = observer or RoundObserver(profile=self.profile, trace_host=self.trace_host)
+    self.decoding.run(self.scheduler, obs=obs, poll=poll)
 
   def _generate(self, prompts, params, chat_template: bool, progress: bool,
                 seqs: list[Sequence], on_tokens=None,
@@ -338,39 +354,22 @@ class LLM:
     now = time.perf_counter()
     # generate() is synchronous: anything still queued is left over from a call that
     # failed part-way (e.g. a request that could never fit), not work to resume.
-    self.scheduler.waiting.clear()
+    self.scheduler.abort_all()
     for prompt, p, hook in zip(prompts, plist, hooks):
       ids = self.encode(prompt, chat_template)
-      if not ids:
-        raise ValueError("a prompt is empty: it must contain at least one token")
-      if len(ids) + p.max_new_tokens > self.max_model_len:
-        raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({p.max_new_tokens}) "
-                         f"exceeds max_model_len={self.max_model_len}; raise max_model_len")
-      seq = Sequence(prompt_token_ids=ids, params=p,
-                     prompt=prompt if isinstance(prompt, str) else None, t_arrival=now,
-                     on_tokens=hook)
-      self.scheduler.add(seq)
+      seq = self.make_sequence(ids, p, prompt if isinstance(prompt, str) else None, now)
+      seq.on_tokens = hook
       seqs.append(seq)
+    for seq in seqs:
+      self.scheduler.add(seq)
     total_new = sum(p.max_new_tokens for p in plist)
     bar = _Progress(total_new) if progress else None
     compiles0 = self.decoding.num_compilations()
-    totals = {"rounds": 0, "decode_s": 0.0, "prefill_s": 0.0, "waves": 0}
     obs = observer or RoundObserver(profile=self.profile, trace_host=self.trace_host)
-    done_before = 0
     t0 = time.perf_counter()
-    while (wave := self.scheduler.next_wave()) is not None:
-      def on_progress(n, base=done_before):
-        if bar:
-          bar.update(base + n)
-      try:
-        stats = self.decoding.run_wave(wave, on_progress, obs)
-      finally:
-        self.scheduler.finish_wave(wave)
-      done_before += sum(len(s.output_token_ids) for s in wave.seqs)
-      totals["rounds"] += stats.rounds
-      totals["decode_s"] += stats.decode_s
-      totals["prefill_s"] += stats.prefill_s
-      totals["waves"] += 1
+    stats = self.decoding.run(self.scheduler, bar.update if bar else None, obs)
+    totals = {"rounds": stats.rounds, "decode_s": stats.decode_s,
+              "prefill_s": stats.prefill_s}
     wall = time.perf_counter() - t0
     if bar:
       bar.close(sum(len(s.output_token_ids) for s in seqs))
@@ -392,12 +391,25 @@ class LLM:
         "mean_accepted": (sum(s.num_accepted for s in seqs) / rounds) if rounds else None,
         "cache_hit_rate": (sum(s.num_hits for s in seqs) / lookups) if lookups else None,
         "compilations": self.decoding.num_compilations() - compiles0,
+        "preemptions": stats.preemptions,
         "total_compilations": self.decoding.num_compilations(),
     }
     if self.method == "ar":
       self.last_metrics["mean_accepted"] = None
     self.last_metrics.update(obs.summary())
     return outs
+
+  def make_sequence(self, ids: list[int], params: SamplingParams, prompt: str | None = None,
+                    t_arrival: float | None = None) -> Sequence:
+    """A request as the scheduler takes it, checked: raises ValueError (one line) for an
+    empty prompt or one that does not fit max_model_len with its max_new_tokens."""
+    if not ids:
+      raise ValueError("a prompt is empty: it must contain at least one token")
+    if len(ids) + params.max_new_tokens > self.max_model_len:
+      raise ValueError(f"prompt ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) "
+                       f"exceeds max_model_len={self.max_model_len}; raise max_model_len")
+    return Sequence(prompt_token_ids=list(ids), params=params, prompt=prompt,
+                    t_arrival=time.perf_counter() if t_arrival is None else t_arrival)
 
   def _output(self, s: Sequence) -> RequestOutput:
     ids = s.output_token_ids
@@ -428,33 +440,18 @@ class LLM:
   def shape_buckets(self) -> dict:
     """The shapes this engine compiles programs for; every request lands in one of them.
 
-    batch:          a wave's batch, padded to a power of two up to bucket(max_batch_size);
-    table_widths:   its page-table width (pages per sequence), a power of two from the
+    batch:          the running batch's rows (and a batch update's joiners), a power of
+                    two up to bucket(max_batch_size);
+    table_widths:   its page-table width (pages per row), a power of two from the
                     smallest reservation's (prompt 1 + 1 token + speculation slack) to the
                     largest's (max_model_len + slack, at most num_pages);
     prefill_tokens: per table width, the tokens one prefill takes (the prompt, or its
                     suffix after cached prefix pages): powers of two >= 16, up to the
                     longest prompt that fits that width (and max_model_len - 1);
-    sampling:       all-greedy waves and waves that sample compile apart (argmax only).
+    sampling:       all-greedy batches and batches that sample compile apart.
 
-    Every decode program of a wave is compiled per (batch, table width, sampling), the
-    prefill per (batch, prefill tokens, table width) and per model; `programs` counts
-    what warmup(all_buckets=True) compiles at most."""
-    slack, pool = self.scheduler.slack_tokens, self.blocks
-    powers = lambda lo, hi: [1 << e for e in range(lo.bit_length() - 1, hi.bit_length())]
-    batches = powers(1, bucket(self.scheduler.max_batch_size))
-    widest = min(pool.pages_for(self.max_model_len + slack), pool.num_pages)
-    widths = powers(bucket(pool.pages_for(2 + slack)), bucket(widest))
-    prefill = {}
-    for w in widths:
-      longest = max(1, min(w * pool.page_size - 1 - slack, self.max_model_len - 1))
-      prefill[w] = powers(16, bucket(longest, 16))
-    models = 1 if self.draft is None else 2
-    per_wave = {"ar": 2, "sd": 3, "ssd": 5}[self.method]  # first token + decode programs
-    programs = len(batches) * (2 * len(widths) * per_wave
-                               + models * sum(len(t) for t in prefill.values()))
-    return {"batch": batches, "table_widths": widths, "prefill_tokens": prefill,
-            "sampling": ["greedy", "sampled"], "programs": programs}
+    `programs` counts what warmup(all_buckets=True) compiles (engine/warmup.py)."""
+    return warmup.shape_buckets(self)
 
   def warmup(self, batch_size: int = 1, prompt_len: int = 16, max_new_tokens: int = 8, *,
              all_buckets: bool = False, progress: bool = False) -> float:
@@ -467,7 +464,7 @@ class LLM:
     `shape_buckets()["programs"]` compilations; progress=True reports them on stderr with
     the time left (estimated from those done so far)."""
     if all_buckets:
-      return self._warm_all_buckets(progress)
+      return warmup.warm_all_buckets(self, progress)
     t0 = time.perf_counter()
     ids = [[1 + (i % max(self.cfg.vocab_size - 1, 1)) for i in range(prompt_len)]
            for _ in range(batch_size)]
@@ -477,54 +474,6 @@ class LLM:
       if runner is not None:
         runner.warm_prefill_buckets()
     return time.perf_counter() - t0
-
-  def _warm_all_buckets(self, progress: bool) -> float:
-    b = self.shape_buckets()
-    steps = [("wave", batch, w, greedy) for batch in b["batch"] for w in b["table_widths"]
-             for greedy in (True, False)]
-    runners = (self.target,) if self.draft is None else (self.target, self.draft)
-    steps += [("prefill", batch, w, t) for batch in b["batch"] for w in b["table_widths"]
-              for t in b["prefill_tokens"][w]]
-    t0 = time.perf_counter()
-    c0 = self.decoding.num_compilations()
-    if progress:
-      sys.stderr.write(f"  warmup: {len(steps)} shape sets, at most {b['programs']} programs "
-                       "to compile")
-    for i, (kind, batch, w, x) in enumerate(steps, 1):
-      if kind == "wave":
-        self._warm_wave(batch, w, greedy=x)
-      else:
-        for runner in runners:
-          runner.warm_prefill(batch, x, w)
-      if progress:
-        spent = time.perf_counter() - t0
-        sys.stderr.write(f"\r  warmup: {i}/{len(steps)} shape sets, "
-                         f"{self.decoding.num_compilations() - c0} programs, {spent:.1f} s, "
-                         f"~{spent / i * (len(steps) - i):.0f} s left ")
-        sys.stderr.flush()
-    if progress:
-      sys.stderr.write("\n")
-    return time.perf_counter() - t0
-
-  def _warm_wave(self, batch: int, width: int, greedy: bool) -> None:
-    """One wave padded to `batch` rows with a `width`-page table: a 1-token prompt that
-    decodes 2 tokens (1 where 2 would not fit that width: no decode round happens at it)."""
-    pool, slack = self.blocks, self.scheduler.slack_tokens
-    max_new = 2 if pool.pages_for(3 + slack) <= width else 1
-    seq = Sequence(prompt_token_ids=[1], params=SamplingParams(
-        max_new_tokens=max_new, ignore_eos=True, temperature=0.0 if greedy else 1.0),
-        t_arrival=time.perf_counter())
-    seq.pages, seq.num_cached_tokens = pool.allocate(seq.prompt_token_ids,
-                                                     self.scheduler.reservation(seq))
-    seq.status = Status.RUNNING
-    table = np.zeros((batch, width), np.int32)
-    table[0, :len(seq.pages)] = seq.pages
-    wave = Wave(seqs=[seq], batch=batch, page_table=table)
-    try:
-      self.decoding.run_wave(wave)
-    finally:
-      self.scheduler.finish_wave(wave)
-
 
 class _Progress:
   """A one-line progress display on stderr (tokens generated / budget)."""

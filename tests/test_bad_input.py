@@ -70,7 +70,7 @@ def test_sampling_params_check_types_and_values():
       (dict(temperature=float("inf")), ValueError, "temperature must be a finite number"),
       (dict(top_p=float("nan")), ValueError, "top_p must be a finite number"),
       (dict(top_k=1.5), TypeError, "top_k must be an integer"),
-      (dict(seed=None), TypeError, "seed must be an integer"),
+      (dict(seed=1.5), TypeError, "seed must be an integer"),
       (dict(stop=[""]), ValueError, "stop strings must be non-empty"),
       (dict(stop=[1]), TypeError, "stop must be a string or a list of strings"),
       (dict(ignore_eos="no"), TypeError, "ignore_eos must be True or False"),
@@ -308,26 +308,24 @@ def test_progress_line_ends_at_the_final_count(llm, capsys):
 
 # -- 7. Ctrl-C / SIGTERM keep what finished -------------------------------------------------------
 def test_interrupted_generate_keeps_finished_outputs(llm):
-  """An interrupt in the second wave: the first wave's outputs come back with the
-  exception (and in llm.last_outputs), and the engine runs again afterwards, even when
-  the interrupt lost the donated KV pool."""
-  real = llm.decoding.run_wave
-  waves = []
+  """An interrupt when the third request joins the batch (after the first two left it):
+  their outputs come back with the exception (and in llm.last_outputs), and the engine
+  runs again afterwards, even when the interrupt lost the donated KV pool."""
+  real = llm.decoding.update
 
-  def run_wave(wave, progress=None, obs=None):
-    waves.append(wave)
-    if len(waves) == 2:
+  def update(state, plan, obs):
+    if any(s.prompt_token_ids == [9, 10, 11] for _, s in plan.joins):
       for x in jax.tree.leaves(llm.target.kv):
         x.delete()  # as if interrupted after a dispatch, before its result was kept
       raise KeyboardInterrupt
-    return real(wave, progress, obs)
-  llm.decoding.run_wave = run_wave
+    return real(state, plan, obs)
+  llm.decoding.update = update
   try:
     with pytest.raises(KeyboardInterrupt) as info:
       llm.generate([[5, 7], [8], [9, 10, 11]], SamplingParams(max_new_tokens=3,
                                                                ignore_eos=True))
   finally:
-    del llm.decoding.run_wave
+    del llm.decoding.update
   outs = info.value.outputs
   assert [o is not None for o in outs] == [True, True, False]  # max_batch_size 2
   assert all(len(o.token_ids) == 3 for o in outs[:2])
@@ -405,17 +403,18 @@ def test_warmup_compiles_every_bucket(capsys):
   assert b["prefill_tokens"] == {1: [16], 2: [16, 32]}
   llm.warmup(all_buckets=True, progress=True)
   err = capsys.readouterr().err
-  assert re.search(r"warmup: 14/14 shape sets, \d+ programs, [\d.]+ s, ~0 s left", err)
+  assert re.search(r"warmup: 34/34 shape sets, \d+ programs, [\d.]+ s, ~0 s left", err)
   assert llm.decoding.num_compilations() == b["programs"]
   assert _varied_traffic(llm, 12) == [0] * 12
 
 
 def test_ssd_warmup_compiles_every_bucket():
   target = tiny_target(layers=1)
-  llm = LLM(target, noisy_copy(target, 0.5), method="ssd", k=1, f=2, max_batch_size=1,
+  llm = LLM(target, noisy_copy(target, 0.5), method="ssd", k=1, f=2, max_batch_size=2,
             page_size=64, max_model_len=32)
   b = llm.shape_buckets()
-  assert b["batch"] == [1] and b["table_widths"] == [1] and b["prefill_tokens"] == {1: [16, 32]}
+  assert b["batch"] == [1, 2] and b["table_widths"] == [1]
+  assert b["prefill_tokens"] == {1: [16, 32]}
   llm.warmup(all_buckets=True)
   assert llm.decoding.num_compilations() == b["programs"]
   assert _varied_traffic(llm, 6, seed=1) == [0] * 6

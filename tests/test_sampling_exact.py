@@ -19,7 +19,7 @@ VOCAB = 8
 PROMPT = [1, 5, 2, 7]
 TEMP = 1.0
 BATCH = 64
-WAVES = 24  # 1536 samples per method
+CALLS = 24  # generate calls of BATCH requests: 1536 samples per method
 
 
 def _chi2_critical(df, z=3.29):
@@ -50,10 +50,11 @@ def _exact_joint(model, params):
 
 def _samples(llm, params):
   pairs = []
-  for w in range(WAVES):
-    p = SamplingParams(temperature=params.temperature, top_k=params.top_k,
-                       top_p=params.top_p, max_new_tokens=2, ignore_eos=True, seed=1000 + w)
-    for o in llm.generate([PROMPT] * BATCH, p):
+  for w in range(CALLS):  # every request with a seed of its own
+    ps = [SamplingParams(temperature=params.temperature, top_k=params.top_k,
+                         top_p=params.top_p, max_new_tokens=2, ignore_eos=True,
+                         seed=1000 * w + i) for i in range(BATCH)]
+    for o in llm.generate([PROMPT] * BATCH, ps):
       pairs.append(tuple(o.token_ids[:2]))
   counts = np.zeros((VOCAB, VOCAB))
   for a, b in pairs:

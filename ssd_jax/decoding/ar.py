@@ -10,24 +10,26 @@ multi-step round pays once per round.
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
-from ssd_jax.engine.loop import (DecodeState, DecodingMethod, Wave, WaveConstants, apply_stops,
-                                 first_token_state, next_tokens)
+from ssd_jax.engine.batch import Batch, RowPlan
+from ssd_jax.engine.loop import DecodingMethod
 from ssd_jax.engine.observe import RoundObserver
 from ssd_jax.engine.runner import ModelRunner, paged_step
+from ssd_jax.engine.step import (BatchConstants, DecodeState, apply_stops, carry_rows,
+                                 first_token_state, next_tokens, place_rows, retire_decode)
 
 
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class ARWave:
-  """What an AR wave's steps read: the decode state (replaced every step) and the wave's
+  """What an AR batch's steps read: the decode state (replaced every step) and the batch's
   constants; `greedy` (every request at temperature 0) selects the argmax-only program."""
   decode: DecodeState
-  consts: WaveConstants
+  consts: BatchConstants
   greedy: bool = dataclasses.field(metadata=dict(static=True))
 
 
@@ -38,32 +40,41 @@ class ARMethod(DecodingMethod):
       raise ValueError(f"AR steps per round must be >= 1, got {steps}")
     self.target = target
     self.steps = steps
+    self.round_tokens = steps
     self._first = target.jit(first_token_state, static_argnames=("greedy",))
+    self._carry = target.jit(functools.partial(carry_rows, dead=retire_decode))
+    self._place = target.jit(place_rows)
     self._step = target.jit(self._step_fn, donate_argnums=(1,), static_argnames=("greedy",))
 
   def num_compilations(self) -> int:
     return self.target.num_compilations()
 
-  def start(self, wave: Wave):
-    seqs = wave.seqs
-    logits = self.target.prefill([s.prompt_token_ids[s.num_cached_tokens:] for s in seqs],
-                                 [s.num_cached_tokens for s in seqs], wave.page_table,
-                                 wave.batch)
-    consts = self.target.put(wave.constants(self.eos_ids))
-    prompt_len = np.zeros((wave.batch,), np.int32)
-    prompt_len[:len(seqs)] = [s.prompt_len for s in seqs]
-    key = jax.random.key(seqs[0].params.seed)
-    greedy = wave.all_greedy
-    decode, first, count = self._first(logits, consts, *self.target.put((prompt_len, key)),
-                                       greedy=greedy)
-    return ARWave(decode=decode, consts=consts, greedy=greedy), first, count
+  def update(self, state: ARWave | None, plan: RowPlan, obs: RoundObserver):
+    consts = self.target.put(plan.new.constants(self.eos_ids))
+    greedy = plan.new.all_greedy
+    decode, first = None if state is None else state.decode, None
+    if plan.joins:
+      j = self.joiners(plan)
+      logits = j.prefill(self.target)
+      sub_consts = self.target.put(j.batch.constants(self.eos_ids))
+      joined, tokens, count = self._first(logits, sub_consts,
+                                          *self.target.put((j.prompt_len, j.before)),
+                                          greedy=j.batch.all_greedy)
+      first = (j.batch.active, tokens, count)
+      carry, join_at = self.target.put((plan.carry, j.join_at))
+      # (the first batch of a run has no old rows: every row joins or stays empty)
+      decode = self._carry(decode if decode is not None else joined, carry)
+      decode = self._place(decode, joined, join_at)
+    elif plan.rows_changed:
+      decode = self._carry(decode, self.target.put(plan.carry))
+    return ARWave(decode=decode, consts=consts, greedy=greedy), first
 
-  def round(self, state: ARWave, obs: RoundObserver):
+  def round(self, state: ARWave, batch: Batch, obs: RoundObserver):
     decode, emitted, count = self.target.run(self._step, state.decode, state.consts,
                                              greedy=state.greedy)
     return dataclasses.replace(state, decode=decode), emitted, count, {}
 
-  def _step_fn(self, params, kv, state: DecodeState, consts: WaveConstants, greedy: bool):
+  def _step_fn(self, params, kv, state: DecodeState, consts: BatchConstants, greedy: bool):
     if self.steps == 1:
       return self._one_step(params, kv, state, consts, greedy)
 
@@ -77,17 +88,16 @@ class ARMethod(DecodingMethod):
     # first sum(counts) of the round's.
     return kv, state, jnp.moveaxis(tokens, 0, 1), jnp.sum(counts, axis=0).astype(jnp.int32)
 
-  def _one_step(self, params, kv, state: DecodeState, consts: WaveConstants, greedy: bool):
+  def _one_step(self, params, kv, state: DecodeState, consts: BatchConstants, greedy: bool):
     tokens, positions = state.token[:, None], state.pos[:, None]
     attn = paged_step(consts.page_table, positions, ~state.done[:, None],
                       self.target.page_size)
     logits, kv, _ = self.target.forward(params, kv, tokens, positions, attn)
-    key, sub = jax.random.split(state.key)
-    nxt = next_tokens(logits[:, 0], consts, sub, greedy)
+    nxt = next_tokens(logits[:, 0], consts, state.pos + 1, greedy)
     count, done, generated = apply_stops(nxt[:, None], jnp.ones_like(nxt), state.done,
                                          state.generated, consts)
     advance = count > 0
     new = DecodeState(token=jnp.where(advance, nxt, state.token),
                       pos=jnp.where(advance, state.pos + 1, state.pos),
-                      done=done, generated=generated, key=key)
+                      done=done, generated=generated)
     return kv, new, nxt[:, None], count

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 
 from ssd_jax.engine.runner import paged_step
-from ssd_jax.engine.sampling import sample_from
+from ssd_jax.engine.sampling import fold_rows, sample_from
 
 
 def draft_probs(logits, temperature, sampler_x=None, top_f=0, max_f: int = 0):
@@ -35,23 +35,25 @@ def draft_probs(logits, temperature, sampler_x=None, top_f=0, max_f: int = 0):
   return jnp.where(t > 0, q, onehot)
 
 
-def draw(logits, temperature, key, want_q: bool, sampler_x=None, top_f=0, max_f: int = 0):
-  """Draw draft tokens; returns (tokens, q or None). Greedy rows take the argmax."""
+def draw(logits, temperature, keys, want_q: bool, sampler_x=None, top_f=0, max_f: int = 0):
+  """Draw draft tokens (row b with keys[b]); returns (tokens, q or None). Greedy rows take
+  the argmax."""
   greedy_tok = jnp.argmax(logits, axis=-1).astype(jnp.int32)
   if not want_q:
     return greedy_tok, None
   q = draft_probs(logits, temperature, sampler_x, top_f, max_f)
   t = temperature.reshape(temperature.shape + (1,) * (logits.ndim - 1 - temperature.ndim))
-  return jnp.where(t > 0, sample_from(q, key), greedy_tok), q
+  return jnp.where(t > 0, sample_from(q, keys), greedy_tok), q
 
 
 def draft_decode(runner, params, kv, tokens0, pos0, live, page_table, *, k: int, temperature,
-                 key, want_q: bool, sampler_x=None, top_fs=None, steps=None):
+                 keys, want_q: bool, sampler_x=None, top_fs=None, steps=None):
   """Draft K tokens autoregressively, writing the draft's KV.
 
   tokens0/pos0: [B, Q0] the first step's inputs (Q0 = 1 normally; SD passes the previous
   token too so that its KV is (re)written); the first draft token follows tokens0[:, -1].
   live [B]: sequences still decoding (others write nothing).
+  keys [B]: each row's key for this drafting (step j draws with it folded with j).
   top_fs: per-step top-F for cache-aware sampling (length k), or None.
   steps: a traced count (0 or k) of steps to run, as one loop whose trip count only the
   device knows (SSD's jit fallback: k after a miss, 0 after a hit); needs Q0 = 1. Steps
@@ -63,7 +65,7 @@ def draft_decode(runner, params, kv, tokens0, pos0, live, page_table, *, k: int,
   max_f = max(fs)
   top_fs = jnp.asarray(fs, jnp.int32)
 
-  def step(kv, tok, pos, key, top_f):
+  def step(kv, tok, pos, j, top_f):
     attn = paged_step(page_table, pos, live[:, None], ps)
     # Only the last query's logits are drawn from: with Q0 > 1 (SD's first step) the head,
     # a draft step's largest GEMM, runs for that row alone.
@@ -71,32 +73,31 @@ def draft_decode(runner, params, kv, tokens0, pos0, live, page_table, *, k: int,
             else None)
     logits, kv, _ = runner.forward(params, kv, tok, pos, attn, logits_at=last)
     logits = logits if last is not None else logits[:, -1]
-    nxt, q = draw(logits, temperature, key, want_q, sampler_x, top_f, max_f)
+    nxt, q = draw(logits, temperature, fold_rows(keys, j), want_q, sampler_x, top_f, max_f)
     return kv, nxt, q
 
-  keys = jax.random.split(key, k)
   if steps is not None:
-    return _draft_loop(step, kv, tokens0, pos0, keys, top_fs, steps, k, want_q,
+    return _draft_loop(step, kv, tokens0, pos0, top_fs, steps, k, want_q,
                        runner.cfg.vocab_size)
-  kv, first, q0 = step(kv, tokens0, pos0, keys[0], top_fs[0])
+  kv, first, q0 = step(kv, tokens0, pos0, 0, top_fs[0])
   if k == 1:
     return first[:, None], (q0[:, None] if want_q else None), kv
 
   # The remaining K-1 steps share one compiled body (a lax loop, not K dispatches).
   def body(carry, xs):
     kv, tok, pos = carry
-    key_i, top_f_i = xs
-    kv, nxt, q = step(kv, tok[:, None], pos, key_i, top_f_i)
+    j, top_f_j = xs
+    kv, nxt, q = step(kv, tok[:, None], pos, j, top_f_j)
     return (kv, nxt, pos + 1), (nxt, q)
 
   (kv, _, _), (rest, rest_q) = jax.lax.scan(body, (kv, first, pos0[:, -1:] + 1),
-                                            (keys[1:], top_fs[1:]))
+                                            (jnp.arange(1, k, dtype=jnp.int32), top_fs[1:]))
   tokens = jnp.concatenate([first[:, None], jnp.moveaxis(rest, 0, 1)], axis=1)
   q = jnp.concatenate([q0[:, None], jnp.moveaxis(rest_q, 0, 1)], axis=1) if want_q else None
   return tokens, q, kv
 
 
-def _draft_loop(step, kv, tokens0, pos0, keys, top_fs, steps, k: int, want_q: bool,
+def _draft_loop(step, kv, tokens0, pos0, top_fs, steps, k: int, want_q: bool,
                 vocab: int):
   """draft_decode's steps as one `lax.while_loop` of `steps` (traced) trips."""
   b = tokens0.shape[0]
@@ -105,7 +106,7 @@ def _draft_loop(step, kv, tokens0, pos0, keys, top_fs, steps, k: int, want_q: bo
 
   def body(carry):
     i, kv, tok, pos, tokens, qs = carry
-    kv, nxt, q = step(kv, tok, pos, keys[i], top_fs[i])
+    kv, nxt, q = step(kv, tok, pos, i, top_fs[i])
     tokens = jax.lax.dynamic_update_slice(tokens, nxt[:, None], (0, i))
     if want_q:
       qs = jax.lax.dynamic_update_slice(qs, q[:, None], (0, i, 0))

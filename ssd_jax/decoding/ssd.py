@@ -50,18 +50,23 @@ from __future__ import annotations
 
 import concurrent.futures
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
-from ssd_jax.engine.loop import Wave
+from ssd_jax.engine.batch import Batch, RowPlan
 from ssd_jax.engine.observe import RoundObserver
 from ssd_jax.engine.runner import COMMAND_BUFFER_MODES, ModelRunner, paged_step
+from ssd_jax.engine.sampling import TAG_DRAFT, TAG_TREE, fold_rows, keys_at
+from ssd_jax.engine.step import carry_rows, place_rows
 from ssd_jax.models.transformer import AttentionInputs, init_tree_scratch
 from ssd_jax.sharding.rules import TREE_SCRATCH_AXES, sharding_for
 from ssd_jax.decoding import fanout as fo
 from ssd_jax.decoding.draft import draft_decode, draw
-from ssd_jax.decoding.speculative import SpeculativeMethod, SpeculativeWave, verify_speculation
+from ssd_jax.decoding.speculative import (SpeculativeMethod, SpeculativeWave, draft_temperatures,
+                                          verify_speculation)
 
 FALLBACKS = ("jit", "fast")
 
@@ -100,7 +105,15 @@ class DraftState:
   live: jax.Array       # [B]
   spec: jax.Array       # d1..dK [B, K]
   last_hit: jax.Array   # [B] selects the fan-out list for the next cache
-  key: jax.Array
+
+
+def _retire_draft(ds: DraftState, empty) -> DraftState:
+  return dataclasses.replace(ds, live=ds.live & ~empty)
+
+
+def _retire_info(info: tuple, empty) -> tuple:
+  hit, looked_up = info
+  return hit & ~empty, looked_up & ~empty
 
 
 @jax.tree_util.register_dataclass
@@ -115,9 +128,17 @@ class SpeculationCache:
 class SSDMethod(SpeculativeMethod):
   def __init__(self, target: ModelRunner, draft: ModelRunner, opts: SSDOptions,
                tokenizer_decode, eos_ids):
-    super().__init__(target, draft, opts.draft_temperature, tokenizer_decode, eos_ids)
+    super().__init__(target, draft, opts.k, opts.draft_temperature, tokenizer_decode, eos_ids)
     self.opts = opts
     self.branch_a, self.branch_rank = draft.put(opts.plan.branch_arrays())
+    # Row surgery of an update: the target's decode state and the speculation's q on the
+    # target's mesh, the draft's state and the lookup's flags on the draft's.
+    self._carry_q = target.jit(carry_rows)
+    self._one_hot_q = target.jit(lambda spec: jax.nn.one_hot(spec, draft.cfg.vocab_size,
+                                                             dtype=jnp.float32))
+    self._carry_draft = draft.jit(functools.partial(carry_rows, dead=_retire_draft))
+    self._carry_info = draft.jit(functools.partial(carry_rows, dead=_retire_info))
+    self._place_draft = draft.jit(place_rows)
     self._first_spec = draft.jit(self._first_spec_fn, donate_argnums=(1,),
                                  static_argnames=("want_q",))
     self._verify = target.jit(self._verify_fn, donate_argnums=(1,),
@@ -138,29 +159,80 @@ class SSDMethod(SpeculativeMethod):
     self._draft_error = None
 
   # -- host side --------------------------------------------------------------------------
-  # The wave's arrays are the SpeculativeWave the caller threads through `round`. The
+  # The batch's arrays are the SpeculativeWave the caller threads through `round`. The
   # draft's pipeline (its DraftState, the cache the next lookup answers from, the future of
   # the next speculation and the job computing it) belongs to the draft thread and lives
   # here, between one round's job and the next.
-  def start(self, wave: Wave):
-    self.finish()  # the draft thread may still be dispatching the last wave's final job
-    self._draft_error = None
-    fields, first, count = self._start_wave(wave)
-    state = SpeculativeWave(**fields)
-    want_q = not state.greedy
-    # The first speculation has no cache to come from: draft it directly (a "miss").
-    d = state.decode
-    token, pos, done = self.draft.put((d.token, d.pos, d.done))
-    self.dstate, q = self.draft.run(self._first_spec, token, pos, ~done,
-                                    state.draft_page_table, state.draft_temp,
-                                    state.draft_key, want_q=want_q)
-    # _spec: the next speculation on the target's mesh, and the lookup's hit flags.
+  def update(self, state: SpeculativeWave | None, plan: RowPlan, obs: RoundObserver):
+    """The target's side here (the joiners' prefill and first tokens); the draft's side
+    is a job of the draft thread (`_patch`), after the one in flight."""
+    if state is None:
+      self.finish()  # the draft thread may still be dispatching the last run's final job
+      self._draft_error = None
+    fields, first, j, _, d = self._update_target(state, plan)
+    new = SpeculativeWave(**fields)
+    # What the joiners' first speculation drafts from, on the draft's mesh.
+    joined = None if j is None else self.draft.put((d.token, d.pos, d.done))
+    carry = (self.draft.put(plan.carry), self.target.put(plan.carry))
+    old_spec = self._spec if state is not None else None
     self._spec = concurrent.futures.Future()
-    self._spec.set_result((self.target.put((self.dstate.spec, q)), {}))
-    self._cache = None  # (cache, live) the next lookup answers from
-    self._job = self._draft_thread.submit(self._draft_side, state, None, None,
-                                          RoundObserver())
-    return state, first, count
+    self._job = self._draft_thread.submit(self._patch, new, plan.new, carry, j, joined,
+                                          old_spec, self._spec, obs)
+    return new, first
+
+  def _patch(self, state: SpeculativeWave, batch: Batch, carry, j, joined, old_spec,
+             spec_out: concurrent.futures.Future, obs: RoundObserver):
+    """On the draft thread: prefill the joiners and draft their first speculation (a
+    "miss"), merge rows into the draft's state and the next speculation, and rebuild the
+    cache for the batch as it now is."""
+    want_q = not state.greedy
+    carry_d, carry_t = carry
+    try:
+      if self._draft_error is not None:  # an earlier job failed: this one cannot run
+        raise self._draft_error
+      ds_j = q_j = None
+      if j is not None:
+        j.prefill(self.draft)
+        token, pos, done = joined
+        sub = j.batch
+        seeds = np.asarray([s.seed if s is not None else 0 for s in sub.rows], np.uint32)
+        ds_j, q_j = self.draft.run(
+            self._first_spec, token, pos, ~done, self.draft.put(sub.page_table()),
+            self.draft.put(draft_temperatures(sub, self.draft_temperature)),
+            self.draft.put(seeds), want_q=want_q)
+        at_d, at_t = self.draft.put(j.join_at), self.target.put(j.join_at)
+        none = jnp.zeros((sub.size,), bool)
+        info_j = self.draft.put((none, none))
+      if old_spec is None:  # the first batch of a run: every row joins or is empty
+        ds_old, q_old, info_old = ds_j, (self.target.put(q_j) if want_q else None), info_j
+      else:
+        (_, q_old), info = old_spec.result()
+        ds_old = self.dstate
+        info_old = (info["hit"], info["looked_up"]) if info else None
+        if want_q and q_old is None:  # greedy rows until now: their q is one-hot
+          q_old = self._one_hot_q(self.target.put(ds_old.spec))
+        q_old = q_old if want_q else None
+      if info_old is None:  # (the speculation came from `_first_spec`: nothing looked up)
+        info_old = self.draft.put((jnp.zeros((ds_old.token.shape[0],), bool),) * 2)
+      ds = self._carry_draft(ds_old, carry_d)
+      info = self._carry_info(info_old, carry_d)
+      q = self._carry_q(q_old, carry_t) if want_q else None
+      if j is not None:
+        ds, info = self._place_draft((ds, info), (ds_j, info_j), at_d)
+        q = self._place(q, self.target.put(q_j), at_t) if want_q else None
+      self.dstate = ds
+      spec_out.set_result(((self.target.put(self.dstate.spec), q),
+                           {"hit": info[0], "looked_up": info[1]}))
+      with obs.host("build"):
+        cache = self.draft.run(self._build, self.dstate, state.draft_page_table,
+                               state.draft_temp, state.draft_seed, self.branch_a,
+                               self.branch_rank, want_q=want_q)
+      self._cache = (cache, self.dstate.live)
+    except BaseException as e:
+      self._draft_error = e
+      if not spec_out.done():
+        spec_out.set_exception(e)
+      raise
 
   def finish(self):
     """Wait until the draft thread has dispatched its last job (and raise its error)."""
@@ -173,7 +245,7 @@ class SSDMethod(SpeculativeMethod):
       self._job.result()
     return (self._cache, self.dstate)
 
-  def round(self, state: SpeculativeWave, obs: RoundObserver):
+  def round(self, state: SpeculativeWave, batch: Batch, obs: RoundObserver):
     # The two threads' order is explained in the module docstring.
     try:
       (spec, q), info = self._spec.result()
@@ -194,30 +266,28 @@ class SSDMethod(SpeculativeMethod):
     return dataclasses.replace(state, decode=decode), emitted, count, info
 
   def _draft_side(self, state: SpeculativeWave, outcome,
-                  spec_out: concurrent.futures.Future | None, obs: RoundObserver):
-    """The draft's job for one round, on the draft thread: answer `outcome` (None for the
-    first round, whose speculation `start` drafted) into `spec_out`, then build the cache
-    for that answer while the target verifies it."""
+                  spec_out: concurrent.futures.Future, obs: RoundObserver):
+    """The draft's job for one round, on the draft thread: answer `outcome` into
+    `spec_out`, then build the cache for that answer while the target verifies it."""
     want_q = not state.greedy
     try:
       if self._draft_error is not None:  # an earlier job failed: this one cannot run
         raise self._draft_error
-      if outcome is not None:
-        cache, looked_up = self._cache
-        with obs.host("lookup"):
-          self.dstate, spec_q, hit = self.draft.run(
-              self._lookup, self.dstate, cache, outcome, state.draft_page_table,
-              state.draft_temp, want_q=want_q)
-        with obs.host("put_spec"):
-          spec_out.set_result((self.target.put(spec_q), {"hit": hit, "looked_up": looked_up}))
+      cache, looked_up = self._cache
+      with obs.host("lookup"):
+        self.dstate, spec_q, hit = self.draft.run(
+            self._lookup, self.dstate, cache, outcome, state.draft_page_table,
+            state.draft_temp, state.draft_seed, want_q=want_q)
+      with obs.host("put_spec"):
+        spec_out.set_result((self.target.put(spec_q), {"hit": hit, "looked_up": looked_up}))
       with obs.host("build"):
         cache = self.draft.run(self._build, self.dstate, state.draft_page_table,
-                               state.draft_temp, self.branch_a, self.branch_rank,
-                               want_q=want_q)
+                               state.draft_temp, state.draft_seed, self.branch_a,
+                               self.branch_rank, want_q=want_q)
       self._cache = (cache, self.dstate.live)
     except BaseException as e:
       self._draft_error = e
-      if spec_out is not None and not spec_out.done():
+      if not spec_out.done():
         spec_out.set_exception(e)
       raise
 
@@ -229,24 +299,25 @@ class SSDMethod(SpeculativeMethod):
     outcome = jnp.stack([accepted, new.token, new.pos, new.done.astype(jnp.int32)])
     return kv, new, emitted, count, accepted, outcome
 
-  def _draft_now(self, params, kv, token, pos, live, page_table, temp, key, want_q,
+  def _draft_now(self, params, kv, token, pos, live, page_table, temp, seed, want_q,
                  steps=None):
     """K draft tokens after `token` at `pos` (the first speculation and the jit fallback).
     The round after it follows a miss, so cache-aware sampling uses the after-miss list."""
     return draft_decode(self.draft, params, kv, token[:, None], pos[:, None], live,
-                        page_table, k=self.opts.k, temperature=temp, key=key, want_q=want_q,
+                        page_table, k=self.opts.k, temperature=temp,
+                        keys=keys_at(seed, TAG_DRAFT, pos), want_q=want_q,
                         sampler_x=self.opts.sampler_x,
                         top_fs=self.opts.plan.after_miss[:self.opts.k], steps=steps)
 
-  def _first_spec_fn(self, params, kv, token, pos, live, page_table, temp, key, want_q):
-    key, sub = jax.random.split(key)
-    spec, q, kv = self._draft_now(params, kv, token, pos, live, page_table, temp, sub, want_q)
+  def _first_spec_fn(self, params, kv, token, pos, live, page_table, temp, seed, want_q):
+    spec, q, kv = self._draft_now(params, kv, token, pos, live, page_table, temp, seed,
+                                  want_q)
     state = DraftState(token=token, pos=pos, live=live, spec=spec,
-                       last_hit=jnp.zeros_like(live), key=key)
+                       last_hit=jnp.zeros_like(live))
     return kv, state, q
 
-  def _build_cache_fn(self, params, kv, ds: DraftState, page_table, temp, branch_a_lists,
-                      branch_rank_lists, want_q):
+  def _build_cache_fn(self, params, kv, ds: DraftState, page_table, temp, seed,
+                      branch_a_lists, branch_rank_lists, want_q):
     k, ps = self.opts.k, self.draft.page_size
     b = ds.token.shape[0]
     live = ds.live
@@ -274,25 +345,26 @@ class SSDMethod(SpeculativeMethod):
     top_fs = jnp.asarray(self.opts.plan.after_hit[:k], jnp.int32)
     max_f = self.opts.plan.max_f if self.opts.sampler_x is not None else 0
     temp_b = jnp.broadcast_to(temp[:, None], (b, m))
-    keys = jax.random.split(jax.random.fold_in(ds.key, 1), k)
+    keys = keys_at(seed, TAG_TREE, ds.pos)
 
     def step(carry, xs):
       tok, scratch = carry
-      j, key_j, top_f = xs
+      j, top_f = xs
       logits, _, scratch = self.draft.forward(params, kv, tok, base + j, tree_attn,
                                               scratch=scratch)
-      nxt, q = draw(logits, temp_b, key_j, want_q, self.opts.sampler_x, top_f, max_f)
+      nxt, q = draw(logits, temp_b, fold_rows(keys, j), want_q, self.opts.sampler_x, top_f,
+                    max_f)
       return (nxt, scratch), (nxt, q)
 
     _, (tokens, qs) = jax.lax.scan(step, (cand, scratch),
-                                   (jnp.arange(k, dtype=jnp.int32), keys, top_fs))
+                                   (jnp.arange(k, dtype=jnp.int32), top_fs))
     cache = SpeculationCache(branch_a=branch_a, branch_tok=cand,
                              tokens=jnp.moveaxis(tokens, 0, 2),
                              q=jnp.moveaxis(qs, 0, 2) if want_q else None)
     return kv, cache
 
   def _lookup_fn(self, params, kv, ds: DraftState, cache: SpeculationCache, outcome,
-                 page_table, temp, want_q):
+                 page_table, temp, seed, want_q):
     accepted, recovery, pos = outcome[0], outcome[1], outcome[2]
     live = outcome[3] == 0
     hit, index = fo.lookup(cache.branch_a, cache.branch_tok, accepted, recovery)
@@ -301,18 +373,17 @@ class SSDMethod(SpeculativeMethod):
         x, index.reshape((-1,) + (1,) * (x.ndim - 1)), axis=1)[:, 0]
     spec = pick(cache.tokens)
     q = pick(cache.q) if want_q else None
-    sub, key = jax.random.fold_in(ds.key, 2), jax.random.fold_in(ds.key, 3)
     miss = live & ~hit
     if self.opts.fallback == "jit":
       # K draft steps after a miss, none after a hit: one loop whose trip count only the
       # device knows (module docstring).
       fb_spec, fb_q, kv = self._draft_now(params, kv, recovery, pos, miss, page_table, temp,
-                                          sub, want_q,
+                                          seed, want_q,
                                           steps=jnp.where(jnp.any(miss), self.opts.k, 0))
       spec = jnp.where(miss[:, None], fb_spec, spec)
       q = jnp.where(miss[:, None, None], fb_q, q) if want_q else None
     # `fast`: a miss keeps the top branch of the same acceptance length (free to produce;
     # any proposal is exact because verification uses the q it was drawn from).
     new = DraftState(token=recovery, pos=pos, live=live, spec=spec,
-                     last_hit=hit | ~ds.live, key=key)
+                     last_hit=hit | ~ds.live)
     return kv, new, (spec, q), hit

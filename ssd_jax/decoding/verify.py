@@ -7,10 +7,9 @@ The outcome is (a, r'): a draft tokens accepted and the recovery/bonus token r'.
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
-from ssd_jax.engine.sampling import sample_from
+from ssd_jax.engine.sampling import sample_from, uniform_rows
 
 
 def greedy_verify(target_argmax, draft_tokens):
@@ -25,19 +24,19 @@ def greedy_verify(target_argmax, draft_tokens):
   return accepted.astype(jnp.int32), recovery.astype(jnp.int32)
 
 
-def rejection_verify(p, q, draft_tokens, key):
+def rejection_verify(p, q, draft_tokens, keys_accept, keys_residual):
   """Temperature > 0: standard speculative rejection sampling (exact in distribution).
 
   p: float32 [B, K+1, V] target distributions; q: float32 [B, K, V] the distributions
   the draft actually sampled d_1..d_K from; draft_tokens: int32 [B, K].
   Accept d_i with probability min(1, p(d_i) / q(d_i)); at the first rejection a, draw
   r' from norm(max(0, p_a - q_a)); if all K are accepted, draw the bonus from p_K.
+  keys_accept, keys_residual: per-row PRNG keys [B] of the uniforms and of r'.
   """
   b, k = draft_tokens.shape
-  key_u, key_r = jax.random.split(key)
   p_d = jnp.take_along_axis(p[:, :k], draft_tokens[..., None], axis=-1)[..., 0]
   q_d = jnp.take_along_axis(q, draft_tokens[..., None], axis=-1)[..., 0]
-  u = jax.random.uniform(key_u, (b, k))
+  u = uniform_rows(keys_accept, k)
   # u < p/q  <=>  u * q < p (no division; q(d) > 0 because the draft sampled d).
   ok = u * q_d < p_d
   accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), axis=1), axis=1).astype(jnp.int32)
@@ -49,7 +48,7 @@ def rejection_verify(p, q, draft_tokens, key):
   # mass == 0 happens only when p_a == q_a, where rejection has probability 0; fall back
   # to p_a so the draw stays well defined.
   residual = jnp.where(mass > 0, residual / jnp.maximum(mass, 1e-30), p_a)
-  recovery = sample_from(residual, key_r)
+  recovery = sample_from(residual, keys_residual)
   return accepted, recovery
 
 

@@ -55,9 +55,10 @@ class PagePool:
       hashes.append(h)
     return hashes
 
-  def can_allocate(self, prompt: list[int], total_tokens: int) -> bool:
+  def can_allocate(self, prompt: list[int], total_tokens: int, headroom: int = 0) -> bool:
+    """Whether allocate() would succeed now and leave `headroom` pages free."""
     hits = sum(1 for h in self._prefix_hashes(prompt) if h in self.cached)
-    return self.pages_for(total_tokens) - hits <= self.num_free
+    return self.pages_for(total_tokens) - hits + headroom <= self.num_free
 
   def allocate(self, prompt: list[int], total_tokens: int) -> tuple[list[int], int]:
     """Reserve pages for a sequence that will hold `total_tokens` tokens.
@@ -93,6 +94,12 @@ class PagePool:
         self.cached[hashes[i]] = page
       pages.append(page)
     return pages, cached_tokens
+
+  def extend(self, n: int) -> list[int]:
+    """n more pages for a running sequence (its tokens past the prompt: never shared)."""
+    if n > self.num_free:
+      raise OutOfPagesError(f"not enough free KV pages now ({self.num_free} free, {n} needed)")
+    return [self._pop_free() for _ in range(n)]
 
   def free(self, pages: list[int]) -> None:
     for page in pages:

@@ -24,7 +24,7 @@ class SamplingParams:
   top_p: float = 1.0
   max_new_tokens: int = 128
   stop: tuple[str, ...] = ()      # stop strings (matched on the host, output cut before)
-  seed: int = 0
+  seed: int | None = None         # None: a fresh seed per request (engine/sequence.py)
   ignore_eos: bool = False
 
   def __post_init__(self):
@@ -43,7 +43,8 @@ class SamplingParams:
     _set("max_new_tokens", as_int("max_new_tokens", self.max_new_tokens))
     if self.max_new_tokens < 1:
       raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
-    _set("seed", as_int("seed", self.seed))
+    if self.seed is not None:
+      _set("seed", as_int("seed", self.seed))
     if not isinstance(self.ignore_eos, (bool, np.bool_)):
       raise TypeError(f"ignore_eos must be True or False, got {self.ignore_eos!r}")
     _set("ignore_eos", bool(self.ignore_eos))
@@ -76,18 +77,54 @@ def as_float(name: str, value) -> float:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class SamplingArrays:
-  """Per-sequence sampling parameters as device arrays [B]."""
+  """Per-sequence sampling parameters as device arrays [B]; `seed` is each row's PRNG
+  seed (see `keys_at`)."""
   temperature: jax.Array
   top_k: jax.Array
   top_p: jax.Array
+  seed: jax.Array
 
   @classmethod
-  def from_params(cls, params: list[SamplingParams], batch: int) -> "SamplingArrays":
-    pad = batch - len(params)
-    t = [p.temperature for p in params] + [0.0] * pad
-    k = [p.top_k for p in params] + [0] * pad
-    tp = [p.top_p for p in params] + [1.0] * pad
-    return cls(np.asarray(t, np.float32), np.asarray(k, np.int32), np.asarray(tp, np.float32))
+  def from_params(cls, params: list[SamplingParams | None], batch: int,
+                  seeds: list[int] | None = None) -> "SamplingArrays":
+    """Rows of `params` (None: an empty row) padded to `batch`; `seeds` default to each
+    params' own seed (0 where it has none)."""
+    params = list(params) + [None] * (batch - len(params))
+    seeds = list(seeds) if seeds is not None else [p.seed if p else 0 for p in params]
+    seeds += [0] * (batch - len(seeds))
+    t = [p.temperature if p else 0.0 for p in params]
+    k = [p.top_k if p else 0 for p in params]
+    tp = [p.top_p if p else 1.0 for p in params]
+    return cls(np.asarray(t, np.float32), np.asarray(k, np.int32), np.asarray(tp, np.float32),
+               np.asarray([(s or 0) & 0xFFFFFFFF for s in seeds], np.uint32))
+
+
+# Every random draw a sequence makes has a key of its own, derived from the request's seed,
+# what is drawn (a tag) and where (the position it decides, or a round's start position).
+# So the same seed gives the same tokens whatever else shares the batch and whichever row
+# it runs in, and a sequence recomputed after a preemption draws the same AR tokens again.
+TAG_TOKEN = 0      # a target token sampled at a position (AR, first token)
+TAG_ACCEPT = 1     # the uniforms of a verification starting at a position
+TAG_RESIDUAL = 2   # the recovery token drawn at a rejection
+TAG_DRAFT = 3      # a draft's K steps after the token at a position (SD, SSD miss/first)
+TAG_TREE = 4       # SSD's tree of branches built for a speculation at a position
+
+
+def keys_at(seeds, tag: int, counter):
+  """Per-row PRNG keys [B] for draw `tag` at `counter` [B] of each row's seed [B]."""
+  def one(seed, c):
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), tag), c)
+  return jax.vmap(one)(seeds, counter)
+
+
+def fold_rows(keys, i):
+  """keys [B] each folded with the same `i` (a step index; may be traced)."""
+  return jax.vmap(lambda k: jax.random.fold_in(k, i))(keys)
+
+
+def uniform_rows(keys, n: int):
+  """[B, n] uniforms in [0, 1), row b from keys[b]."""
+  return jax.vmap(lambda k: jax.random.uniform(k, (n,)))(keys)
 
 
 def target_probs(logits, s: SamplingArrays):
@@ -121,15 +158,17 @@ def target_probs(logits, s: SamplingArrays):
   return jnp.where(greedy, onehot, probs)
 
 
-def sample_from(probs, key):
-  """Draw one token per row of probs [..., V] (argmax of one-hot rows is exact)."""
+def sample_from(probs, keys):
+  """Draw one token per distribution of probs [B, ..., V], row b with keys[b] (argmax of
+  one-hot rows is exact)."""
   logp = jnp.log(jnp.maximum(probs, 0.0))
-  return jax.random.categorical(key, logp, axis=-1).astype(jnp.int32)
+  draw = lambda key, lp: jax.random.categorical(key, lp, axis=-1)
+  return jax.vmap(draw)(keys, logp).astype(jnp.int32)
 
 
-def sample_tokens(logits, s: SamplingArrays, key):
+def sample_tokens(logits, s: SamplingArrays, keys):
   """Sample the next token [B, ...] from target_probs; greedy rows take the argmax."""
   greedy = s.temperature <= 0.0
   greedy = greedy.reshape(greedy.shape + (1,) * (logits.ndim - 2))
-  drawn = sample_from(target_probs(logits, s), key)
+  drawn = sample_from(target_probs(logits, s), keys)
   return jnp.where(greedy, jnp.argmax(logits, axis=-1).astype(jnp.int32), drawn)

@@ -5,6 +5,8 @@ from __future__ import annotations
 import dataclasses
 import enum
 import itertools
+import secrets
+import time
 from typing import Callable
 
 from ssd_jax.engine.sampling import SamplingParams
@@ -29,6 +31,10 @@ class Sequence:
   pages: list[int] = dataclasses.field(default_factory=list)
   num_cached_tokens: int = 0      # prompt tokens whose KV came from the prefix cache
   finish_reason: str | None = None
+  # The PRNG seed of every draw this sequence makes (engine/sampling.py): the request's,
+  # or a fresh one when it gave none.
+  seed: int | None = None
+  num_preemptions: int = 0
   # Timings (host clock, seconds) and per-request speculation counters.
   t_arrival: float = 0.0
   t_first_token: float | None = None
@@ -45,9 +51,24 @@ class Sequence:
                                                                      repr=False)
   abort_requested: bool = False
 
+  def __post_init__(self):
+    if self.seed is None:
+      self.seed = self.params.seed if self.params.seed is not None else secrets.randbits(32)
+
   @property
   def prompt_len(self) -> int:
     return len(self.prompt_token_ids)
+
+  @property
+  def prefill_ids(self) -> list[int]:
+    """What a prefill of this sequence computes: its prompt, and after a preemption the
+    tokens it had generated too (they are recomputed, not regenerated)."""
+    return self.prompt_token_ids + self.output_token_ids
+
+  def finish(self, reason: str) -> None:
+    self.status = Status.FINISHED
+    self.finish_reason = reason
+    self.t_finish = time.perf_counter()
 
   @property
   def is_finished(self) -> bool:

@@ -1,6 +1,6 @@
 """`python -m ssd_jax.serve [engine flags] --host 127.0.0.1 --port 8000`: the
-OpenAI-compatible server (serve/app.py) on the engine thread (serve/engine.py; wave-level
-batching for now, not continuous batching).
+OpenAI-compatible server (serve/app.py) on the engine thread (serve/engine.py; continuous
+batching: requests join and leave the running batch between rounds).
 
   python -m ssd_jax.serve --method ssd            # the embedded SmolLM2 + its draft
   curl localhost:8000/v1/completions -d '{"model": "SmolLM2-135M-Instruct", "prompt": "Hi"}'

@@ -75,7 +75,7 @@ def build_app(engine: Engine, model_name: str):
   @contextlib.asynccontextmanager
   async def lifespan(_):
     yield
-    # Shutdown (SIGTERM/Ctrl-C through uvicorn): the wave under way finishes first.
+    # Shutdown (SIGTERM/Ctrl-C through uvicorn): running requests finish first.
     await asyncio.get_running_loop().run_in_executor(None, engine.close)
 
   app = FastAPI(title="ssd_jax", docs_url=None, redoc_url=None, lifespan=lifespan)
@@ -183,7 +183,7 @@ def _params(llm, body, prompt_len: int, max_tokens) -> SamplingParams:
         top_p=1.0 if body.top_p is None else body.top_p,
         top_k=0 if top_k == -1 else top_k, max_new_tokens=max_tokens,
         stop=(stop,) if isinstance(stop, str) else tuple(stop),
-        seed=0 if body.seed is None else body.seed, ignore_eos=body.ignore_eos)
+        seed=body.seed, ignore_eos=body.ignore_eos)
   except (TypeError, ValueError) as e:
     param = str(e).split(" ", 1)[0]
     raise APIError(400, str(e), param if param.isidentifier() else None) from None

@@ -1,20 +1,19 @@
 """One thread owns the LLM and runs the requests of a queue, streaming their text.
 
-Batching here is WAVE-LEVEL, not yet iteration-level (continuous) batching: the engine
-thread takes up to `max_batch_size` waiting requests, runs them as one `LLM.generate`
-call (the engine's static waves), and only when every one of them has finished does it
-take the next ones. A request that arrives during a wave waits for that wave to end.
-Joining and leaving the running batch between rounds is the next step (issue 15).
+Batching is iteration-level (continuous): the engine thread runs the LLM's host loop
+(engine/loop.py) for as long as the server lives; between two rounds the requests that
+arrived join the running batch (prefill, then decode with the others) and finished ones
+leave it, their pages freed at once. When nothing is running the thread sleeps until a
+request arrives.
 
 A cancelled request (its client went away) is dropped if it is still waiting; if it is
-running, its sequence is marked for abort and the host loop finishes it (reason "abort")
-at its next round, so the wave no longer waits for it. Its pages are freed when the wave
-ends (the device keeps computing its row until then: static waves cannot shrink).
+running, its sequence is marked for abort, and before the next round the loop finishes
+it (reason "abort") and frees its pages.
 
 Events a request receives, in order, through its `sink` (called on the engine thread):
   ("text", str)              new text (engine/stream.py: never past a stop string/EOS)
   ("done", RequestOutput)    once, at the end (also after an abort)
-  ("error", str)             instead of "done": the wave failed (one line)
+  ("error", str)             instead of "done": the request failed (one line)
 """
 
 from __future__ import annotations
@@ -46,6 +45,8 @@ class Request:
   request_id: int = dataclasses.field(default_factory=lambda: next(_ids))
   t_arrival: float = dataclasses.field(default_factory=time.perf_counter)
   t_first_text: float | None = None
+  t_last_token: float | None = None
+  num_tokens: int = 0
   cancelled: bool = False
   seq: Sequence | None = None      # set by the engine thread once the request runs
   output: Any = None               # the RequestOutput, at the end
@@ -85,11 +86,11 @@ class Engine:
     self.llm = llm
     self.metrics = metrics or ServeMetrics()
     self.max_batch_size = llm.scheduler.max_batch_size
-    self._waiting: collections.deque[Request] = collections.deque()
-    self._running: list[Request] = []
+    self._incoming: collections.deque[Request] = collections.deque()
+    self._active: dict[int, Request] = {}  # seq_id -> request, admitted to the scheduler
     self._cv = threading.Condition()
     self._closing = False
-    self._thread = threading.Thread(target=self._loop, name="ssd_jax-engine", daemon=True)
+    self._thread = threading.Thread(target=self._main, name="ssd_jax-engine", daemon=True)
     self._thread.start()
 
   # -- any thread ---------------------------------------------------------------------
@@ -100,91 +101,115 @@ class Engine:
     with self._cv:
       if self._closing:
         raise RuntimeError("the engine is shutting down")
-      self._waiting.append(req)
+      self._incoming.append(req)
       self.metrics.requests_received.inc()
       self._cv.notify()
     return req
 
   @property
   def num_waiting(self) -> int:
-    return len(self._waiting)
+    return len(self._incoming) + len(self.llm.scheduler.waiting)
 
   @property
   def num_running(self) -> int:
-    return len(self._running)
+    return len(self.llm.scheduler.running)
 
   @property
   def free_pages(self) -> int:
     return self.llm.blocks.num_free
 
   def close(self, timeout: float | None = 30.0) -> None:
-    """Stops taking requests; the wave under way finishes, waiting requests get an
-    error."""
+    """Stops taking requests: waiting ones get an error, running ones finish."""
     with self._cv:
       self._closing = True
       self._cv.notify()
     self._thread.join(timeout)
 
   # -- the engine thread --------------------------------------------------------------
-  def _loop(self) -> None:
+  def _main(self) -> None:
     while True:
-      with self._cv:
-        while not self._waiting and not self._closing:
-          self._cv.wait()
-        if self._closing:
-          left, self._waiting = list(self._waiting), collections.deque()
-          break
-        wave = []
-        while self._waiting and len(wave) < self.max_batch_size:
-          req = self._waiting.popleft()
-          if req.cancelled:  # its client left while it waited: nothing to run
-            self.metrics.requests_finished.labels("abort").inc()
-            continue
-          wave.append(req)
-        self._running = wave
-      if wave:
-        self._run_wave(wave)
-      with self._cv:
-        self._running = []
+      try:
+        self.llm.serve(self._poll)
+        break
+      except Exception as e:  # noqa: BLE001 - reported to every request it touched
+        log.exception("the engine loop failed")
+        self._fail_all(f"generation failed: {type(e).__name__}: {e}".splitlines()[0])
+    with self._cv:
+      left, self._incoming = list(self._incoming), collections.deque()
     for req in left:
       _deliver(req, ("error", "the server is shutting down"))
 
-  def _run_wave(self, wave: list[Request]) -> None:
-    streams = [TextStream(self.llm._decode_text, r.params.stop) for r in wave]
-    hooks = [self._hook(r, s) for r, s in zip(wave, streams)]
-    try:
-      outs = self.llm.generate([r.prompt_ids for r in wave], [r.params for r in wave],
-                               on_tokens=hooks)
-    except Exception as e:  # noqa: BLE001 - reported to every client of the wave
-      log.exception("wave failed")
-      msg = f"generation failed: {type(e).__name__}: {e}".splitlines()[0]
-      for r in wave:
-        self.metrics.requests_finished.labels("error").inc()
-        _deliver(r, ("error", msg))
+  def _poll(self, idle: bool) -> bool:
+    """The loop's hook between rounds (engine/loop.py): admit what arrived; with idle,
+    sleep until something does. Returns False to end the loop (closing, nothing left)."""
+    with self._cv:
+      while idle and not self._incoming and not self._closing:
+        self._cv.wait()
+      new, self._incoming = list(self._incoming), collections.deque()
+      closing = self._closing
+    for req in new:
+      if closing:
+        _deliver(req, ("error", "the server is shutting down"))
+      else:
+        self._admit(req)
+    if closing:  # stop admitting: what still waits for a row gets an error
+      for seq in list(self.llm.scheduler.waiting):
+        req = self._active.pop(seq.seq_id, None)
+        if req is not None:
+          seq.finish("abort")
+          self.metrics.requests_finished.labels("error").inc()
+          _deliver(req, ("error", "the server is shutting down"))
+      self.llm.scheduler.waiting.clear()
+    return not (closing and idle)
+
+  def _admit(self, req: Request) -> None:
+    if req.cancelled:  # its client left while it waited: nothing to run
+      self.metrics.requests_finished.labels("abort").inc()
       return
-    for r, out in zip(wave, outs):
-      r.output = out
-      self.metrics.observe_finished(r, out)
-      _deliver(r, ("done", out))
+    try:
+      seq = self.llm.make_sequence(req.prompt_ids, req.params, t_arrival=req.t_arrival)
+      seq.on_tokens = self._hook(req, TextStream(self.llm._decode_text, req.params.stop))
+      req.seq = seq
+      if req.cancelled:
+        seq.abort_requested = True
+      self.llm.scheduler.add(seq)
+    except Exception as e:  # noqa: BLE001 - a request the engine cannot take
+      self.metrics.requests_finished.labels("error").inc()
+      _deliver(req, ("error", str(e).splitlines()[0]))
+      return
+    self._active[seq.seq_id] = req
+
+  def _fail_all(self, msg: str) -> None:
+    for req in list(self._active.values()):
+      self.metrics.requests_finished.labels("error").inc()
+      _deliver(req, ("error", msg))
+    self._active.clear()
+    self.llm.recover()
 
   def _hook(self, req: Request, stream: TextStream):
     def on_tokens(seq: Sequence) -> None:
-      if req.seq is None:
-        req.seq = seq
-        if req.cancelled:  # cancelled between leaving the queue and its first tokens
-          seq.abort_requested = True
-      if req.cancelled:
-        return  # nobody listens any more: skip the decode
-      delta = stream.update(seq.output_token_ids, seq.is_finished)
-      if delta:
-        if req.t_first_text is None:
-          req.t_first_text = time.perf_counter()
-        _deliver(req, ("text", delta))
+      now = time.perf_counter()
+      if not req.cancelled:
+        n = len(seq.output_token_ids) - req.num_tokens
+        if n > 0 and req.t_last_token is not None:  # tokens that came together share it
+          for _ in range(n):
+            self.metrics.itl.observe((now - req.t_last_token) / n)
+        if n > 0:
+          req.num_tokens, req.t_last_token = len(seq.output_token_ids), now
+        delta = stream.update(seq.output_token_ids, seq.is_finished)
+        if delta:
+          if req.t_first_text is None:
+            req.t_first_text = now
+          _deliver(req, ("text", delta))
+      if seq.is_finished:
+        self._active.pop(seq.seq_id, None)
+        out = self.llm._output(seq)
+        req.output = out
+        self.metrics.observe_finished(req, out)
+        _deliver(req, ("done", out))
     return on_tokens
-
-
 def _deliver(req: Request, event) -> None:
-  """A failing sink (a closed event loop) must not fail the wave of other requests."""
+  """A failing sink (a closed event loop) must not fail the other requests."""
   try:
     req.sink(event)
   except Exception:  # noqa: BLE001

@@ -9,6 +9,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, gene
 from prometheus_client.exposition import CONTENT_TYPE_LATEST
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
+_ITL_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 1, 2.5)
 
 
 class ServeMetrics:
@@ -25,6 +26,9 @@ class ServeMetrics:
     self.generation_tokens = Counter(p + "generation_tokens", "Tokens generated.", registry=r)
     self.ttft = Histogram(p + "time_to_first_token_seconds", "Arrival to first token.",
                           buckets=_LATENCY_BUCKETS, registry=r)
+    self.itl = Histogram(p + "inter_token_latency_seconds", "Between two output tokens of "
+                         "a request (tokens that arrive together share the gap).",
+                         buckets=_ITL_BUCKETS, registry=r)
     self.e2e = Histogram(p + "request_latency_seconds", "Arrival to finish.",
                          buckets=_LATENCY_BUCKETS, registry=r)
     self.rounds = Counter(p + "decode_rounds", "Decode rounds, summed over requests.",
@@ -34,10 +38,12 @@ class ServeMetrics:
     self.lookups = Counter(p + "ssd_cache_lookups", "SSD speculation cache lookups.",
                            registry=r)
     self.hits = Counter(p + "ssd_cache_hits", "SSD speculation cache hits.", registry=r)
-    self.running = Gauge(p + "num_requests_running", "Requests in the current wave.",
+    self.running = Gauge(p + "num_requests_running", "Requests in the running batch.",
                          registry=r)
-    self.waiting = Gauge(p + "num_requests_waiting", "Requests queued for a wave.",
+    self.waiting = Gauge(p + "num_requests_waiting", "Requests queued for a row.",
                          registry=r)
+    self.preemptions = Gauge(p + "num_preemptions", "Sequences preempted (pages freed, "
+                             "recomputed later) since the start.", registry=r)
     self.free_pages = Gauge(p + "kv_free_pages", "Free KV cache pages.", registry=r)
     self.total_pages = Gauge(p + "kv_total_pages", "KV cache pages.", registry=r)
 
@@ -59,5 +65,6 @@ class ServeMetrics:
     self.running.set(engine.num_running)
     self.waiting.set(engine.num_waiting)
     self.free_pages.set(engine.free_pages)
+    self.preemptions.set(engine.llm.scheduler.num_preemptions)
     self.total_pages.set(engine.llm.blocks.num_pages)
     return generate_latest(self.registry)

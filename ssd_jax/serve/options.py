@@ -31,7 +31,7 @@ def define_engine_flags(fv: flags.FlagValues) -> flags.FlagValues:
   flags.DEFINE_float("sampler_x", None, "SSD cache-aware sampling factor.", **d)
   flags.DEFINE_float("draft_temperature", None, "Draft sampling temperature.", **d)
   flags.DEFINE_enum("dtype", None, ["float32", "bfloat16", "float16"], "Compute dtype.", **d)
-  flags.DEFINE_integer("batch_size", 8, "Max sequences decoded together (one wave).", **d)
+  flags.DEFINE_integer("batch_size", 8, "Max sequences in the running batch.", **d)
   flags.DEFINE_integer("max_model_len", 2048, "Max prompt + generated tokens.", **d)
   flags.DEFINE_integer("page_size", 64, "KV cache page size (tokens).", **d)
   flags.DEFINE_enum("attention", "auto", ["auto", "xla", "pallas"], "Attention impl.", **d)
