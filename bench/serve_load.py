@@ -250,7 +250,9 @@ async def run_rate(client, fv, url: str, model: str, prompts: list, rate: float,
   run = {"request_rate": "inf" if math.isinf(rate) else rate,
          "max_concurrency": fv.max_concurrency, "num_prompts": len(prompts),
          **serve_stats.summarize(results, duration),
-         "server": serve_stats.server_deltas(before, after)}
+         "server": serve_stats.server_deltas(before, after,
+                                             speculative=fv.launch is None or
+                                             report_method(fv) != "ar")}
   if fv.save_requests:
     run["requests"] = [_request_row(r, t0) for r in results]
   return run
@@ -382,15 +384,20 @@ async def measure(fv, report: dict) -> int:
   return 1 if any(r["failed"] for r in report["runs"]) else 0
 
 
+def report_method(fv) -> str | None:
+  """The launched server's --method (ar when not given: the server's default)."""
+  if fv.launch is None:
+    return None
+  return flag_value(shlex.split(fv.launch), "method") or "ar"
+
+
 def new_report(fv) -> dict:
-  label = fv.label
-  if label is None and fv.launch is not None:
-    label = flag_value(shlex.split(fv.launch), "method") or "ar"  # the server's default
+  label = fv.label or report_method(fv)
   return {"tool": "bench/serve_load.py", "schema_version": 1, "label": label,
           "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
           "random_weights": fv.random_weights,
           "timing_label": RANDOM_LABEL if fv.random_weights else None,
-          "partial": True, "endpoint": fv.endpoint,
+          "partial": True, "endpoint": fv.endpoint, "method": report_method(fv),
           "config": {k: fv[k].value for k in _FLAG_NAMES},
           "server": {"launched": None}, "workload": None, "warmup": None, "runs": [],
           "errors": []}

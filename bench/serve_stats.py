@@ -130,14 +130,18 @@ def parse_prometheus(text: str, prefix: str = "ssd_jax_") -> dict:
   return out
 
 
-def server_deltas(before: dict | None, after: dict | None) -> dict | None:
+def server_deltas(before: dict | None, after: dict | None,
+                  speculative: bool = True) -> dict | None:
   """What the server counted during a run: counter deltas, SD/SSD mean accepted draft
-  tokens per round (accepted / rounds, as the harness's `mean_accepted`) and the SSD cache
-  hit rate (hits / lookups). None where the counters were not scraped; a ratio is None
-  when its denominator did not move (AR has no lookups)."""
+  tokens per round (accepted / rounds, as the harness's `mean_accepted`; None for a server
+  known not to speculate, as the harness's AR rows) and the SSD cache hit rate (hits /
+  lookups). None where the counters were not scraped; a ratio is None when its
+  denominator did not move (SD and AR look nothing up)."""
   if before is None or after is None:
     return None
   d = {k: after[k] - before.get(k, 0.0) for k in after}
   ratio = lambda a, b: d[a] / d[b] if d.get(b) else None  # noqa: E731
-  return {"deltas": d, "mean_accepted": ratio("accepted_draft_tokens", "decode_rounds"),
+  return {"deltas": d,
+          "mean_accepted": ratio("accepted_draft_tokens", "decode_rounds") if speculative
+          else None,
           "cache_hit_rate": ratio("ssd_cache_hits", "ssd_cache_lookups")}

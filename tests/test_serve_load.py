@@ -104,6 +104,7 @@ def test_server_counters():
   ar = serve_stats.server_deltas(before, before)  # nothing moved: no ratio, not 0/0
   assert (ar["mean_accepted"], ar["cache_hit_rate"]) == (None, None)
   assert serve_stats.server_deltas(None, before) is None
+  assert serve_stats.server_deltas(before, before, speculative=False)["mean_accepted"] is None
 
 
 def _sse(*objs, done=True) -> bytes:
