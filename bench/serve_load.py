@@ -360,7 +360,11 @@ async def measure(fv, report: dict) -> int:
       else:
         source = PromptSource(fv, vocab)
       report["workload"] = source.info
-      models = (await client.get(base_url + "/v1/models", timeout=30)).json()["data"]
+      try:
+        models = (await client.get(base_url + "/v1/models", timeout=30)).json()["data"]
+      except Exception as e:  # noqa: BLE001 - down, not ours, or not OpenAI-compatible
+        raise BenchError(f"no OpenAI-compatible server at {base_url} (GET /v1/models: "
+                         f"{type(e).__name__}: {e})") from None
       model = fv.model or models[0]["id"]
       report["server"].update(base_url=base_url, model=model,
                               max_model_len=models[0].get("max_model_len"))
