@@ -336,6 +336,13 @@ def _write(report: dict, path: str | None) -> None:
 async def measure(fv, report: dict) -> int:
   import httpx
   rates = [parse_rate(s) for s in fv.request_rates]
+  if not all(str(x).strip().isdigit() and int(x) > 0 for x in fv.warmup_ladder):
+    raise BenchError(f"--warmup_ladder: request counts >= 1, got {','.join(fv.warmup_ladder)}")
+  if fv.launch is not None:
+    try:
+      shlex.split(fv.launch)
+    except ValueError as e:
+      raise BenchError(f"--launch: {e}") from None
   if fv.max_concurrency is not None and fv.max_concurrency < 1:
     raise BenchError(f"--max_concurrency must be >= 1, got {fv.max_concurrency}")
   server = None
@@ -392,7 +399,10 @@ def report_method(fv) -> str | None:
   """The launched server's --method (ar when not given: the server's default)."""
   if fv.launch is None:
     return None
-  return flag_value(shlex.split(fv.launch), "method") or "ar"
+  try:
+    return flag_value(shlex.split(fv.launch), "method") or "ar"
+  except ValueError:  # unbalanced quotes: measure() says so
+    return None
 
 
 def new_report(fv) -> dict:
