@@ -11,8 +11,19 @@ from bench.errors import BenchError
 
 
 def random_shapes() -> dict:
+  """REAL_SHAPES and, for CPU dry runs of the GPU scripts, TINY_SHAPES."""
   from ssd_jax.checkpoint.random_init import REAL_SHAPES
-  return REAL_SHAPES
+  return {**REAL_SHAPES, **tiny_shapes()}
+
+
+def tiny_shapes() -> dict:
+  """Shapes small enough to serve on a 2-core CPU, written like the real ones (a dry run of
+  a GPU script goes through the same checkpoint, loading and serving code)."""
+  from ssd_jax.config import ModelConfig
+  return {"tiny-llama": ModelConfig(model_type="llama", vocab_size=512, hidden_size=64,
+                                    intermediate_size=128, num_layers=2, num_heads=4,
+                                    num_kv_heads=2, head_dim=16, max_position_embeddings=2048,
+                                    bos_token_id=1, eos_token_ids=(2,))}
 
 
 def ensure_random_checkpoint(name: str, root: str, dtype: str = "bfloat16", seed: int = 0,

@@ -23,6 +23,11 @@ flags.DEFINE_integer("port", 8000, "Port to bind.")
 flags.DEFINE_string("served_model_name", None, "The model name clients send (default: the "
                     "--model directory's name).")
 flags.DEFINE_enum("log_level", "info", ["debug", "info", "warning", "error"], "uvicorn's.")
+# A benchmark's load batches requests: compiling those shapes before serving keeps every
+# compilation out of the measured latencies (bench/serve_load.py).
+flags.DEFINE_list("warmup_batch_sizes", ["1"], "With --warmup: the batch sizes to compile.")
+flags.DEFINE_integer("warmup_prompt_len", 16, "With --warmup: the prompt length to compile.")
+flags.DEFINE_integer("warmup_max_tokens", 8, "With --warmup: the new tokens to compile for.")
 
 
 def main(argv) -> int:
@@ -34,13 +39,22 @@ def main(argv) -> int:
   from ssd_jax.serve.engine import Engine
   logging.basicConfig(level=logging.INFO)
   try:
+    sizes = [int(b) for b in FLAGS.warmup_batch_sizes]
+    if min(sizes, default=1) < 1:
+      raise ValueError
+  except ValueError:
+    print(f"error: --warmup_batch_sizes must be integers >= 1, got "
+          f"{','.join(FLAGS.warmup_batch_sizes)}", file=sys.stderr)
+    return 2
+  try:
     llm = build_llm(FLAGS)
   except (ValueError, OSError) as e:
     print(f"error: {e}", file=sys.stderr)
     return 2
   if FLAGS.warmup:
-    secs = llm.warmup()
-    print(f"warmup: {secs:.1f} s", file=sys.stderr)
+    secs = sum(llm.warmup(batch_size=b, prompt_len=FLAGS.warmup_prompt_len,
+                          max_new_tokens=FLAGS.warmup_max_tokens) for b in sizes)
+    print(f"warmup: {secs:.1f} s (batch sizes {sizes})", file=sys.stderr)
   engine = Engine(llm)
   name = FLAGS.served_model_name or model_name(FLAGS)
   print(f"serving '{name}' ({FLAGS.method}) on http://{FLAGS.host}:{FLAGS.port}/v1",
