@@ -81,6 +81,9 @@ class ModelShape:
   allreduces: int = 0      # per step (tensor parallel: 2 per layer)
   anchors: dict = dataclasses.field(default_factory=dict)  # program -> {"q", "ms"} at batch 1
   measured: dict = dataclasses.field(default_factory=dict)  # "program|batch|q" -> ms
+  # False for a TP shard timed alone on one GPU (bench/probes/step_grid.py): its measured
+  # times lack the all-reduces, which the model then adds (A4)
+  measured_has_allreduce: bool = True
 
 
 def allreduce_ms(shape: ModelShape, n_tokens: int) -> float:
@@ -100,9 +103,11 @@ def step_ms(shape: ModelShape, program: str, batch: int, q: int) -> float:
   fixed part + the roofline at this many tokens + the all-reduces."""
   key = f"{program}|{batch}|{q}"
   if key in shape.measured:
-    return shape.measured[key]
+    extra = 0.0 if shape.measured_has_allreduce else allreduce_ms(shape, batch * q)
+    return shape.measured[key] + extra
   a = shape.anchors[program]
-  c0 = a["ms"] - _core_ms(shape, a["q"]) - allreduce_ms(shape, a["q"])
+  c0 = a["ms"] - _core_ms(shape, a["q"]) - (allreduce_ms(shape, a["q"])
+                                            if shape.measured_has_allreduce else 0.0)
   n = batch * q
   return c0 + _core_ms(shape, n) + allreduce_ms(shape, n)
 

@@ -19,7 +19,8 @@ The CLI runs a grid over the embedded default pair (SmolLM2-135M-Instruct + the 
       --numseqs 4 --output_len 64 --k 3,5,7 --f 1,3 --fallbacks jit,fast \
       --batch_size 1,4 --temperatures 0,0.7 --output_dir /tmp/traces
 
-One JSON per engine configuration (method, K, fan-out, fallback, batch), plus
+One JSON per engine configuration (method, K, fan-out, fallback; every batch size runs in
+the same engine), plus
 `index.json` (every config's summary and every exactness mismatch). At temperature 0
 every SD/SSD output is compared token for token with AR's for the same prompts and batch
 size; a mismatch is printed, listed and makes the exit code 1 (in bfloat16 near-ties can
@@ -122,6 +123,7 @@ def p_any_miss_at(hit_rate: float, batch: int) -> float:
 
 # -- the grid ------------------------------------------------------------------------------
 def config_name(c: dict) -> str:
+  """The engine configuration's name (the batch sizes run inside one engine)."""
   parts = [c["method"]]
   if c["method"] != "ar":
     parts.append(f"k{c['k']}")
@@ -129,82 +131,89 @@ def config_name(c: dict) -> str:
     parts.append(f"f{c['f']}" if not c.get("fanout_hit") else
                  "fan" + "-".join(map(str, c["fanout_hit"])))
     parts.append(c["fallback"])
-  parts.append(f"b{c['batch']}")
   return "_".join(parts)
 
 
 def grid(methods, ks, fs, fanouts, fallbacks, batches) -> list[dict]:
-  """AR first per batch (the exactness reference), then SD per K, then SSD per K x fan-out
-  x fallback; fan-out lists (hit:miss) apply to the K they fit (len = K+1)."""
-  out = []
-  for b in batches:
-    if "ar" in methods or "sd" in methods or "ssd" in methods:
-      out.append({"method": "ar", "batch": b})
-    for k in ks:
-      if "sd" in methods:
-        out.append({"method": "sd", "k": k, "batch": b})
-      if "ssd" in methods:
-        shapes = [{"f": f} for f in fs]
-        for hit, miss in fanouts:
-          if len(hit) == k + 1:
-            shapes.append({"f": max(hit), "fanout_hit": hit, "fanout_miss": miss})
-        for sh in shapes:
-          for fb in fallbacks:
-            out.append({"method": "ssd", "k": k, "fallback": fb, "batch": b, **sh})
+  """AR first (the exactness reference), then SD per K, then SSD per K x fan-out x
+  fallback; fan-out lists (hit:miss) apply to the K they fit (len = K+1). One engine per
+  entry runs every batch size (max_batch_size = the largest; the engine compiles one
+  bucket per power-of-two batch), so the grid builds each model pair once per entry."""
+  batches = sorted(batches)
+  out = [{"method": "ar", "batches": batches}]
+  for k in ks:
+    if "sd" in methods:
+      out.append({"method": "sd", "k": k, "batches": batches})
+    if "ssd" in methods:
+      shapes = [{"f": f} for f in fs]
+      for hit, miss in fanouts:
+        if len(hit) == k + 1:
+          shapes.append({"f": max(hit), "fanout_hit": hit, "fanout_miss": miss})
+      for sh in shapes:
+        for fb in fallbacks:
+          out.append({"method": "ssd", "k": k, "fallback": fb, "batches": batches, **sh})
   return out
 
 
 def run_config(c: dict, workloads, temperatures, output_len: int, make_llm, ar_tokens: dict,
                warm: bool = True, log=print) -> dict:
-  """One engine configuration over every workload and temperature: traces, summaries,
-  the engine's own metrics, and (T=0) the exactness check against ar_tokens."""
+  """One engine configuration over every workload, temperature and batch size: traces,
+  summaries, the engine's own metrics, and (T=0) the exactness check against ar_tokens
+  (keyed by dataset and batch: the same prompts in the same waves)."""
   from ssd_jax import SamplingParams
   t0 = time.perf_counter()
   llm = make_llm(c)
   res = {"config": c, "load_s": time.perf_counter() - t0, "datasets": {}, "mismatches": []}
   # AR is the exactness reference and has no acceptance to trace: temperature 0 only
-  temps = [t for t in temperatures if t == 0] or temperatures[:1] if c["method"] == "ar" \
+  temps = ([t for t in temperatures if t == 0] or temperatures[:1]) if c["method"] == "ar" \
       else temperatures
   for w in workloads:
     for temp in temps:
-      params = SamplingParams(max_new_tokens=output_len, temperature=temp, seed=0,
-                              ignore_eos=True)
-      if warm:  # compile this shape and sampling mode before the timed run
-        llm.generate(w.prompts[:c["batch"]], params, chat_template=w.chat)
-      if hasattr(llm, "reset_prefix_cache"):
-        llm.reset_prefix_cache()
-      rec = TraceRecorder()
-      outs = []
-      for i in range(0, len(w.prompts), c["batch"]):  # one wave per batch of prompts
-        outs += llm.generate(w.prompts[i:i + c["batch"]], params, chat_template=w.chat,
-                             observer=rec)
-      # generate() reports the last call's metrics: rebuild the whole set's from outputs
-      seqs = [rec.seq_trace(sid) for sid in sorted(rec.per_seq)]
-      entry = {"summary": summarize(seqs, rec.batch_rounds),
-               "engine_last_call": {k: llm.last_metrics.get(k) for k in
-                                    ("mean_accepted", "cache_hit_rate", "decode_tokens_per_s",
-                                     "round_ms", "compilations", "tokens_per_s")},
-               "per_seq": seqs}
-      tokens = [o.token_ids for o in outs]
-      key = (w.name, c["batch"])
-      if temp == 0:
-        if c["method"] == "ar":
-          ar_tokens[key] = tokens
-        elif key in ar_tokens:
-          bad = [j for j, (a, b) in enumerate(zip(ar_tokens[key], tokens)) if a != b]
-          entry["exact_vs_ar"] = not bad
-          for j in bad:
-            first = next((p for p, (x, y) in enumerate(zip(ar_tokens[key][j], tokens[j]))
-                          if x != y), min(len(tokens[j]), len(ar_tokens[key][j])))
-            mm = {"config": config_name(c), "dataset": w.name, "prompt": j,
-                  "first_diff": first}
-            res["mismatches"].append(mm)
-            log(f"[traces] EXACTNESS MISMATCH {mm}")
-      res["datasets"].setdefault(w.name, {})[str(temp)] = entry
-      s = entry["summary"]
-      log(f"[traces] {config_name(c):28s} {w.name:12s} T={temp:<4} rounds {s['row_rounds']:5d}"
-          f"  tok/round {s['tokens_per_round'] or 0:5.2f}  hit {s['hit_rate']}"
-          f"  decode tok/s {entry['engine_last_call']['decode_tokens_per_s'] or 0:8.1f}")
+      for b in c["batches"]:
+        params = SamplingParams(max_new_tokens=output_len, temperature=temp, seed=0,
+                                ignore_eos=True)
+        if warm:  # compile this batch bucket and sampling mode before the timed run
+          llm.generate(w.prompts[:b], params, chat_template=w.chat)
+        if hasattr(llm, "reset_prefix_cache"):
+          llm.reset_prefix_cache()
+        rec = TraceRecorder()
+        outs, decode_s, rounds, compiles = [], 0.0, 0, 0
+        for i in range(0, len(w.prompts), b):  # one wave per batch of prompts
+          outs += llm.generate(w.prompts[i:i + b], params, chat_template=w.chat,
+                               observer=rec)
+          m = llm.last_metrics
+          decode_s += m["round_ms"] * m["num_rounds"] / 1e3
+          rounds += m["num_rounds"]
+          compiles += m["compilations"]
+        seqs = [rec.seq_trace(sid) for sid in sorted(rec.per_seq)]
+        n_dec = sum(len(o.token_ids) - 1 for o in outs)  # the first token is the prefill's
+        entry = {"summary": summarize(seqs, rec.batch_rounds),
+                 "timing": {"decode_s": decode_s, "batch_rounds": rounds,
+                            "decode_tokens_per_s": n_dec / decode_s if decode_s else None,
+                            "round_ms": 1e3 * decode_s / rounds if rounds else None,
+                            "compilations": compiles},
+                 "per_seq": seqs}
+        tokens = [o.token_ids for o in outs]
+        key = (w.name, b)
+        if temp == 0:
+          if c["method"] == "ar":
+            ar_tokens[key] = tokens
+          elif key in ar_tokens:
+            bad = [j for j, (x, y) in enumerate(zip(ar_tokens[key], tokens)) if x != y]
+            entry["exact_vs_ar"] = not bad
+            for j in bad:
+              first = next((p for p, (x, y) in enumerate(zip(ar_tokens[key][j], tokens[j]))
+                            if x != y), min(len(tokens[j]), len(ar_tokens[key][j])))
+              mm = {"config": config_name(c), "dataset": w.name, "batch": b, "prompt": j,
+                    "first_diff": first}
+              res["mismatches"].append(mm)
+              log(f"[traces] EXACTNESS MISMATCH {mm}")
+        res["datasets"].setdefault(w.name, {}).setdefault(str(temp), {})[str(b)] = entry
+        s, tm = entry["summary"], entry["timing"]
+        log(f"[traces] {config_name(c):22s} {w.name:12s} T={temp:<4} b={b:<3d} rounds "
+            f"{s['row_rounds']:5d}  tok/round {s['tokens_per_round'] or 0:5.2f}  hit "
+            f"{s['hit_rate'] if s['hit_rate'] is None else round(s['hit_rate'], 3)}  "
+            f"decode tok/s {tm['decode_tokens_per_s'] or 0:8.1f}  compiles {compiles}")
   res["wall_s"] = time.perf_counter() - t0
   del llm
   return res
@@ -234,7 +243,7 @@ def main(argv) -> int:
     configs = configs[:F.max_configs]
 
   def make_llm(c):
-    kw = dict(method=c["method"], dtype=F.dtype, max_batch_size=c["batch"],
+    kw = dict(method=c["method"], dtype=F.dtype, max_batch_size=max(c["batches"]),
               max_model_len=F.max_model_len, draft_devices=F.draft_devices
               if c["method"] == "ssd" else 0)
     if c["method"] != "ar":
@@ -266,12 +275,10 @@ def main(argv) -> int:
     with open(os.path.join(F.output_dir, f"trace_{name}.json"), "w") as fh:
       json.dump(res, fh, separators=(",", ":"))
     index["configs"].append({"name": name, "config": c, "wall_s": res["wall_s"],
-                             "summary": {d: {t: e["summary"] | {
-                                 "decode_tokens_per_s":
-                                     e["engine_last_call"]["decode_tokens_per_s"],
-                                 "round_ms": e["engine_last_call"]["round_ms"],
+                             "summary": {d: {t: {b: e["summary"] | e["timing"] | {
                                  "exact_vs_ar": e.get("exact_vs_ar")}
-                                 for t, e in v.items()} for d, v in res["datasets"].items()}})
+                                 for b, e in tv.items()} for t, tv in v.items()}
+                                 for d, v in res["datasets"].items()}})
     index["mismatches"] += res["mismatches"]
     with open(os.path.join(F.output_dir, "index.json"), "w") as fh:  # after every config
       json.dump(index, fh, indent=1)

@@ -86,3 +86,14 @@ def test_best_picks_the_fastest():
   stats = {(3, 1, 8, "jit"): sm.Stats(2.0, 0.5), (3, 1, 8, "fast"): sm.Stats(2.0, 0.5)}
   best = sm.best_ssd(T, D, 2, stats)
   assert best["fallback"] == "fast"  # same tokens, fast never pays the K draft steps
+
+
+def test_tp_shard_measured_without_allreduce():
+  """A shard timed alone on one GPU (step_grid.py) lacks its all-reduces: the model adds
+  them to the measurement and to extrapolations from its anchor alike."""
+  s = sm.ModelShape(name="tp", params=1e9, bytes=sm.READ_BW * 1e-3, layers=1, hidden=1000,
+                    allreduces=10, measured_has_allreduce=False,
+                    anchors={"target_ar_step": {"q": 1, "ms": 5.0}},
+                    measured={"target_ar_step|1|1": 5.0})
+  assert sm.step_ms(s, "target_ar_step", 1, 1) == pytest.approx(5.0 + sm.allreduce_ms(s, 1))
+  assert sm.step_ms(s, "target_ar_step", 2, 1) == pytest.approx(5.0 + sm.allreduce_ms(s, 2))

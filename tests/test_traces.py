@@ -64,19 +64,22 @@ def test_run_config_checks_exactness():
   # reference ("ar" here) and the checked run: the comparison logic is what is tested.
   make = lambda c: _llm("sd")
   ar_tokens = {}
-  r_ar = traces.run_config({"method": "ar", "batch": 2}, [w], [0.0], 12, make, ar_tokens,
+  r_ar = traces.run_config({"method": "ar", "batches": [2]}, [w], [0.0], 12, make, ar_tokens,
                            warm=False, log=lambda *_: None)
   assert ("ids", 2) in ar_tokens and not r_ar["mismatches"]
-  r_sd = traces.run_config({"method": "sd", "k": 3, "batch": 2}, [w], [0.0], 12, make,
+  timing = r_ar["datasets"]["ids"]["0.0"]["2"]["timing"]
+  assert timing["batch_rounds"] > 0 and timing["decode_tokens_per_s"] > 0
+  r_sd = traces.run_config({"method": "sd", "k": 3, "batches": [2]}, [w], [0.0], 12, make,
                            ar_tokens, warm=False, log=lambda *_: None)
-  assert r_sd["datasets"]["ids"]["0.0"]["exact_vs_ar"] is True
+  assert r_sd["datasets"]["ids"]["0.0"]["2"]["exact_vs_ar"] is True
   ar_tokens[("ids", 2)][0] = [t + 1 for t in ar_tokens[("ids", 2)][0]]  # a corrupted reference
-  r_bad = traces.run_config({"method": "sd", "k": 3, "batch": 2}, [w], [0.0], 12, make,
+  r_bad = traces.run_config({"method": "sd", "k": 3, "batches": [2]}, [w], [0.0], 12, make,
                             ar_tokens, warm=False, log=lambda *_: None)
   assert r_bad["mismatches"][0]["prompt"] == 0 and r_bad["mismatches"][0]["first_diff"] == 0
 
 
 def test_grid_and_names():
-  g = traces.grid(["sd", "ssd"], [3], [1], [([2, 1, 1, 0], [1, 1, 1, 1])], ["jit"], [1])
+  g = traces.grid(["sd", "ssd"], [3], [1], [([2, 1, 1, 0], [1, 1, 1, 1])], ["jit"], [4, 1])
   names = [traces.config_name(c) for c in g]
-  assert names == ["ar_b1", "sd_k3_b1", "ssd_k3_f1_jit_b1", "ssd_k3_fan2-1-1-0_jit_b1"]
+  assert names == ["ar", "sd_k3", "ssd_k3_f1_jit", "ssd_k3_fan2-1-1-0_jit"]
+  assert all(c["batches"] == [1, 4] for c in g)
