@@ -84,6 +84,8 @@ class ModelShape:
   # False for a TP shard timed alone on one GPU (bench/probes/step_grid.py): its measured
   # times lack the all-reduces, which the model then adds (A4)
   measured_has_allreduce: bool = True
+  # program -> factor: "what if this step were faster" (bench/headline_report.py break-even)
+  scale: dict = dataclasses.field(default_factory=dict)
 
 
 def allreduce_ms(shape: ModelShape, n_tokens: int) -> float:
@@ -100,7 +102,11 @@ def _core_ms(shape: ModelShape, n_tokens: int) -> float:
 
 def step_ms(shape: ModelShape, program: str, batch: int, q: int) -> float:
   """One program's time (A3): measured if there is a measurement, else the anchor's
-  fixed part + the roofline at this many tokens + the all-reduces."""
+  fixed part + the roofline at this many tokens + the all-reduces (x shape.scale)."""
+  return shape.scale.get(program, 1.0) * _step_ms(shape, program, batch, q)
+
+
+def _step_ms(shape: ModelShape, program: str, batch: int, q: int) -> float:
   key = f"{program}|{batch}|{q}"
   if key in shape.measured:
     extra = 0.0 if shape.measured_has_allreduce else allreduce_ms(shape, batch * q)

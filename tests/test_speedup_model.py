@@ -97,3 +97,23 @@ def test_tp_shard_measured_without_allreduce():
                     measured={"target_ar_step|1|1": 5.0})
   assert sm.step_ms(s, "target_ar_step", 1, 1) == pytest.approx(5.0 + sm.allreduce_ms(s, 1))
   assert sm.step_ms(s, "target_ar_step", 2, 1) == pytest.approx(5.0 + sm.allreduce_ms(s, 2))
+
+
+def test_report_truncation_and_stats(tmp_path):
+  """headline_report: a K=7 histogram truncated to K=3, and an index.json read back."""
+  import json
+  from bench import headline_report as hr
+  hist = [2, 1, 0, 0, 1, 0, 0, 1]             # accepted 0,0,1,4,7
+  assert hr.truncated(hist, 3) == pytest.approx(1 + (0 + 0 + 1 + 3 + 3) / 5)
+  s = {"row_rounds": 5, "tokens": 17, "accepted_hist": hist, "lookups": 4, "hit_rate": 0.5,
+       "p_any_miss": 0.5, "batch_rounds": 4, "decode_s": 1.0}
+  index = {"configs": [{"name": "ssd_k7_f3_jit", "config": {"method": "ssd", "k": 7, "f": 3,
+                                                             "fallback": "jit", "batches": [1]},
+                        "summary": {"prose": {"0.0": {"1": s}}}}]}
+  (tmp_path / "index.json").write_text(json.dumps(index))
+  raw = hr.load_stats([str(tmp_path)])
+  st = raw[("ssd", 7, 3, 24, "jit")]["stats"]
+  assert st.tokens_per_round == pytest.approx(17 / 5) and st.hit_rate == 0.5
+  assert st.any_miss(1) == 0.5
+  _, ssd = hr.stats_grid(raw)
+  assert ssd[(3, 3, 12, "jit")].tokens_per_round == pytest.approx(hr.truncated(hist, 3))
