@@ -249,7 +249,9 @@ def plot(rows, measured, path):
     ax.set_xlabel("tokens/s per sequence (batch number beside each point)")
     ax.set_ylabel("decode tokens/s, whole batch")
     ax.set_title(f"{label}: hollow = projected, filled = measured, star = reference")
-    ax.legend(fontsize=7)
+    handles, labels = ax.get_legend_handles_labels()
+    uniq = dict(zip(labels, handles))  # one entry per label
+    ax.legend(uniq.values(), uniq.keys(), fontsize=7)
   fig.tight_layout()
   fig.savefig(path, dpi=110)
 

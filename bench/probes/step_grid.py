@@ -67,7 +67,8 @@ def main(argv) -> int:
          "models": {}}
   tmesh, _ = make_meshes(MeshSpec.parse("1x1"), 0)
   impl = resolve_impl(F.attention)
-  roles = [("target", F.target)] + ([("draft", F.draft)] if F.draft != "none" else [])
+  roles = ([("target", F.target)] if F.target != "none" else []) + \
+      ([("draft", F.draft)] if F.draft != "none" else [])
   for role, name in roles:
     cfg, tp = shard_config(name)
     t0 = time.perf_counter()
@@ -116,7 +117,8 @@ def main(argv) -> int:
 if __name__ == "__main__":
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
   from absl import app, flags
-  flags.DEFINE_string("target", "llama-3.1-8b", "REAL_SHAPES name or NAME-tpN (a shard).")
+  flags.DEFINE_string("target", "llama-3.1-8b", "REAL_SHAPES name or NAME-tpN (a shard), "
+                      "or none.")
   flags.DEFINE_string("draft", "llama-3.2-1b", "REAL_SHAPES name of the draft, or none.")
   flags.DEFINE_list("batches", ["1", "2", "4", "8", "16", "32"], "Batch sizes.")
   flags.DEFINE_list("k", ["7", "3"], "K values (verify and glue take K+1 tokens).")
