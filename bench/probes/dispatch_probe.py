@@ -219,7 +219,8 @@ def _engine_lookup(jax, jnp, np, opts, slow, big, x0) -> dict:
     def drafted(params, kv, dep):
       toks, _, kv = draft_decode(runner, params, kv, tok[:, None] + dep, pos[:, None],
                                  jnp.ones((1,), bool), table, k=7,
-                                 temperature=jnp.zeros((1,)), key=jax.random.key(0),
+                                 temperature=jnp.zeros((1,)),
+                                 keys=jax.random.key(0)[None],
                                  want_q=False)
       return kv, toks
 
