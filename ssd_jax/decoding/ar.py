@@ -54,13 +54,7 @@ class ARMethod(DecodingMethod):
     greedy = plan.new.all_greedy
     decode, first = None if state is None else state.decode, None
     if plan.joins:
-      j = self.joiners(plan)
-      logits = j.prefill(self.target)
-      sub_consts = self.target.put(j.batch.constants(self.eos_ids))
-      joined, tokens, count = self._first(logits, sub_consts,
-                                          *self.target.put((j.prompt_len, j.before)),
-                                          greedy=j.batch.all_greedy)
-      first = (j.batch.active, tokens, count)
+      j, joined, first = self.first_tokens(plan, self.target, self._first)
       carry, join_at = self.target.put((plan.carry, j.join_at))
       # (the first batch of a run has no old rows: every row joins or stays empty)
       decode = self._carry(decode if decode is not None else joined, carry)

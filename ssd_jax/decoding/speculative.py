@@ -108,13 +108,7 @@ class SpeculativeMethod(DecodingMethod):
     old = None if state is None else self._rows_of(state)
     merged = old
     if plan.joins:
-      j = self.joiners(plan)
-      logits = j.prefill(self.target)
-      sub_consts = self.target.put(j.batch.constants(self.eos_ids))
-      decode_j, tokens, count = self._first(logits, sub_consts,
-                                            *self.target.put((j.prompt_len, j.before)),
-                                            greedy=j.batch.all_greedy)
-      first = (j.batch.active, tokens, count)
+      j, decode_j, first = self.first_tokens(plan, self.target, self._first)
       joined = (decode_j,) + tuple(self.target.put(extra_joined(j)) if extra_joined else ())
       carry, join_at = self.target.put((plan.carry, j.join_at))
       merged = self._carry(old if old is not None else joined, carry)

@@ -223,15 +223,9 @@ class SSDMethod(SpeculativeMethod):
       self.dstate = ds
       spec_out.set_result(((self.target.put(self.dstate.spec), q),
                            {"hit": info[0], "looked_up": info[1]}))
-      with obs.host("build"):
-        cache = self.draft.run(self._build, self.dstate, state.draft_page_table,
-                               state.draft_temp, state.draft_seed, self.branch_a,
-                               self.branch_rank, want_q=want_q)
-      self._cache = (cache, self.dstate.live)
+      self._build_cache(state, obs)
     except BaseException as e:
-      self._draft_error = e
-      if not spec_out.done():
-        spec_out.set_exception(e)
+      self._fail(e, spec_out)
       raise
 
   def finish(self):
@@ -280,16 +274,24 @@ class SSDMethod(SpeculativeMethod):
             state.draft_temp, state.draft_seed, want_q=want_q)
       with obs.host("put_spec"):
         spec_out.set_result((self.target.put(spec_q), {"hit": hit, "looked_up": looked_up}))
-      with obs.host("build"):
-        cache = self.draft.run(self._build, self.dstate, state.draft_page_table,
-                               state.draft_temp, state.draft_seed, self.branch_a,
-                               self.branch_rank, want_q=want_q)
-      self._cache = (cache, self.dstate.live)
+      self._build_cache(state, obs)
     except BaseException as e:
-      self._draft_error = e
-      if not spec_out.done():
-        spec_out.set_exception(e)
+      self._fail(e, spec_out)
       raise
+
+  def _build_cache(self, state: SpeculativeWave, obs: RoundObserver) -> None:
+    """The cache the next lookup answers from, for the speculation in self.dstate."""
+    with obs.host("build"):
+      cache = self.draft.run(self._build, self.dstate, state.draft_page_table,
+                             state.draft_temp, state.draft_seed, self.branch_a,
+                             self.branch_rank, want_q=not state.greedy)
+    self._cache = (cache, self.dstate.live)
+
+  def _fail(self, e: BaseException, spec_out: concurrent.futures.Future) -> None:
+    """A draft job failed: later jobs raise it too, and the caller's wait ends with it."""
+    self._draft_error = e
+    if not spec_out.done():
+      spec_out.set_exception(e)
 
   # -- device programs --------------------------------------------------------------------
   def _verify_fn(self, params, kv, state, spec, q, consts, greedy):

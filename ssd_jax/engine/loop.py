@@ -96,6 +96,18 @@ class DecodingMethod:
     before[:len(seqs)] = [len(s.output_token_ids) for s in seqs]
     return Joiners(batch=sub, join_at=join_at, prompt_len=prompt_len, before=before)
 
+  def first_tokens(self, plan: RowPlan, target, first_program):
+    """Prefill the joiners on `target` and sample their first tokens with first_program
+    (a jitted engine.step.first_token_state); returns (joiners, their decode state [B_j],
+    (sequences, first tokens, count) for the host loop)."""
+    j = self.joiners(plan)
+    logits = j.prefill(target)
+    sub_consts = target.put(j.batch.constants(self.eos_ids))
+    decode_j, tokens, count = first_program(logits, sub_consts,
+                                            *target.put((j.prompt_len, j.before)),
+                                            greedy=j.batch.all_greedy)
+    return j, decode_j, (j.batch.active, tokens, count)
+
   def finish(self) -> None:
     """Called when a run's last round has been read or the batch emptied: wait for host
     work of the method still under way (SSD's draft thread)."""
