@@ -30,7 +30,7 @@ from ssd_jax.engine.runner import ModelRunner, compiler_options_for
 from ssd_jax.engine.sampling import SamplingParams, as_float
 from ssd_jax.engine.scheduler import Scheduler
 from ssd_jax.engine.sequence import Sequence
-from ssd_jax.kernels import resolve_impl, resolve_matmul_impl
+from ssd_jax.kernels import resolve_impl
 from ssd_jax.sharding.mesh import MeshSpec, check_model_fits, make_meshes
 
 log = logging.getLogger("ssd_jax")
@@ -122,8 +122,6 @@ class LLM:
     4.74 -> 5.01 ms with 4; bench/RESULTS.md).
   min_step_rows: steps of fewer tokens are padded to this many rows (None: 8 on GPU, where
     single-row GEMMs are slow, 1 elsewhere; runner.ModelRunner).
-  matmul_impl: "xla", "pallas" (few-row products of 16-bit weights on one device run the
-    Pallas skinny kernel, kernels/skinny_matmul.py) or "auto" (XLA's).
   """
 
   def __init__(self, model=None, draft=None, *, method: str = "ar", mesh: str = "1x1",
@@ -134,8 +132,7 @@ class LLM:
                max_model_len: int = 2048, page_size: int = 64, num_pages: int | None = None,
                attention_impl: str = "auto", profile: bool = False, tokenizer=None,
                devices=None, command_buffers: str | None = None,
-               min_step_rows: int | None = None, ar_steps: int | None = None,
-               matmul_impl: str = "auto"):
+               min_step_rows: int | None = None, ar_steps: int | None = None):
     if method not in METHODS:
       raise ValueError(f"method {method!r} is unknown; use one of {', '.join(METHODS)}")
     dtype = dtype or _default_dtype()
@@ -178,7 +175,6 @@ class LLM:
     # Compiled programs persist across runs (~/.cache/ssd_jax/xla; see checkpoint/cache.py).
     enable_compilation_cache()
     impl = resolve_impl(attention_impl)
-    mm_impl = resolve_matmul_impl(matmul_impl)
     spec = MeshSpec.parse(mesh) if isinstance(mesh, str) else mesh
     if method == "ar" and draft_devices:
       raise ValueError("--draft-devices needs --method sd or ssd (AR has no draft)")
@@ -192,7 +188,7 @@ class LLM:
     num_pages = num_pages or max_batch_size * pages_per_seq + pages_per_seq
     self.target = ModelRunner(self.target_model, self.target_mesh, num_pages=num_pages,
                               page_size=page_size, name="target", compiler_options=copts,
-                              min_rows=min_step_rows, matmul_impl=mm_impl)
+                              min_rows=min_step_rows)
     self.blocks = PagePool(num_pages, page_size)
     self.max_batch_size = max_batch_size
     eos = self.cfg.eos_token_ids or ((self.tokenizer.eos_token_id,)
@@ -223,7 +219,7 @@ class LLM:
                        f"target's {self.cfg.vocab_size}: the draft must share the tokenizer")
     self.draft = ModelRunner(draft_model, draft_mesh, num_pages=num_pages,
                              page_size=page_size, name="draft", compiler_options=copts,
-                             min_rows=min_step_rows, matmul_impl=mm_impl)
+                             min_rows=min_step_rows)
     from ssd_jax.decoding.sd import SDMethod, SpecOptions
     if method == "sd":
       self.decoding = SDMethod(self.target, self.draft,

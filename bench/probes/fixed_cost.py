@@ -13,9 +13,8 @@ one sequence:
 
 The read ceiling and the copy figure beside it are bench/roofline.py's (calls queued back
 to back); the copy figure is labelled and never used as the floor.
-Variants are `rows<R>_steps<S>[_pallas]`: steps of fewer than R tokens padded to R rows
-(LLM(min_step_rows=R)), S decode steps per AR round (LLM(ar_steps=S)), and with `_pallas`
-few-row weight products on the Pallas skinny kernel (LLM(matmul_impl="pallas")).
+Variants are `rows<R>_steps<S>`: steps of fewer than R tokens padded to R rows
+(LLM(min_step_rows=R)) and S decode steps per AR round (LLM(ar_steps=S)).
 
   PYTHONPATH=$PWD python bench/probes/fixed_cost.py --models llama-3.1-8b,llama-3.2-1b,smollm2-135m \
       --batches 1,8 --variants rows1_steps1,rows8_steps1,rows8_steps4 --output_json out.json
@@ -36,8 +35,7 @@ flags.DEFINE_list("models", ["llama-3.1-8b", "llama-3.2-1b", "smollm2-135m"],
                   "REAL_SHAPES names.")
 flags.DEFINE_list("batches", ["1", "8"], "Batch sizes.")
 flags.DEFINE_list("variants", ["rows1_steps1", "rows8_steps1", "rows8_steps4"],
-                  "rows<R>_steps<S>[_<matmul impl>]: pad steps to R rows, S AR steps per "
-                  "round, weight products by XLA (default) or the Pallas skinny kernel.")
+                  "rows<R>_steps<S>: pad steps to R rows, S AR steps per round.")
 flags.DEFINE_integer("prompt_len", 128, "Prompt tokens.")
 flags.DEFINE_integer("new_tokens", 128, "Generated tokens per sequence.")
 flags.DEFINE_integer("repeats", 2, "Timed generate calls per point (the best is kept).")
@@ -63,12 +61,8 @@ def step_bytes(cfg, batch: int, context: float, itemsize: int) -> float:
 
 def run_point(model, cfg, batch: int, variant: str) -> dict:
   from ssd_jax import LLM, SamplingParams
-  match = re.fullmatch(r"rows(\d+)_steps(\d+)(?:_(xla|pallas))?", variant)
-  if match is None:
-    raise ValueError(f"variant {variant!r} is not rows<R>_steps<S>[_xla|_pallas]")
-  rows, steps = int(match[1]), int(match[2])
+  rows, steps = map(int, re.fullmatch(r"rows(\d+)_steps(\d+)", variant).groups())
   llm = LLM(model, method="ar", max_batch_size=batch, min_step_rows=rows, ar_steps=steps,
-            matmul_impl=match[3] or "xla",
             max_model_len=FLAGS.prompt_len + FLAGS.new_tokens + 64, page_size=64,
             attention_impl=FLAGS.attention)
   rng = np.random.default_rng(0)

@@ -167,8 +167,7 @@ def main(argv):
   params = SamplingParams(max_new_tokens=FLAGS.new_tokens, ignore_eos=True)
   common = dict(mesh=FLAGS.mesh, max_batch_size=FLAGS.batch, dtype=FLAGS.dtype,
                 max_model_len=FLAGS.prompt_len + FLAGS.new_tokens + 64,
-                attention_impl=FLAGS.attention, command_buffers=FLAGS.command_buffers,
-                matmul_impl=FLAGS.matmul[0])
+                attention_impl=FLAGS.attention, command_buffers=FLAGS.command_buffers)
   results = {"target": FLAGS.target, "draft": FLAGS.draft, "k": FLAGS.k, "f": FLAGS.f,
              "batch": FLAGS.batch, "prompt_len": FLAGS.prompt_len,
              "new_tokens": FLAGS.new_tokens, "jax": jax.__version__, "tag": FLAGS.tag,

@@ -185,18 +185,15 @@ def main(argv):
   F = flags.FLAGS
   tmesh, dmesh = make_meshes(MeshSpec.parse(F.mesh), F.draft_devices)
   impl = resolve_impl(F.attention)
-  models = [(random_model(REAL_SHAPES[name], dtype=jnp.dtype(F.dtype), mesh=mesh, seed=seed,
-                          attention_impl=impl), mesh, name)
-            for name, mesh, seed in ((F.target, tmesh, 0), (F.draft, dmesh or tmesh, 1))]
-  pages = _pages(F.batch, F.context + (F.k + 1) * F.f + F.k + 2, 64)[1] + 1
-  progs = {}
-  for mm in F.matmul:  # the runners of each impl share the models' weights
-    runners = [ModelRunner(model, mesh, num_pages=pages, page_size=64, name=name,
-                           matmul_impl=mm) for model, mesh, name in models]
-    progs.update(build_programs(*runners, batch=F.batch, k=F.k, f=F.f, context=F.context,
-                                names=tuple(F.programs),
-                                suffix="" if len(F.matmul) == 1 else f"_{mm}"))
-  del runners, models
+  runners = []
+  for name, mesh, seed in ((F.target, tmesh, 0), (F.draft, dmesh or tmesh, 1)):
+    model = random_model(REAL_SHAPES[name], dtype=jnp.dtype(F.dtype), mesh=mesh,
+                         seed=seed, attention_impl=impl)
+    pages = _pages(F.batch, F.context + (F.k + 1) * F.f + F.k + 2, 64)[1] + 1
+    runners.append(ModelRunner(model, mesh, num_pages=pages, page_size=64, name=name))
+  progs = build_programs(*runners, batch=F.batch, k=F.k, f=F.f, context=F.context,
+                         names=tuple(F.programs))
+  del runners, model
   res = measure(progs, tuple(F.command_buffers), F.iters)
   del progs
   if F.output_json:
@@ -216,8 +213,6 @@ def define_pair_flags():
   flags.DEFINE_integer("f", 3, "SSD fan-out per acceptance length (tree width (K+1)*F).")
   flags.DEFINE_integer("batch", 1, "Sequences per batch.")
   flags.DEFINE_string("attention", "auto", "auto | xla | pallas.")
-  flags.DEFINE_list("matmul", ["auto"], "Weight products: auto | xla | pallas (kernels.project); "
-                    "step_programs times each one given, ssd_timing uses the first.")
 
 
 if __name__ == "__main__":

@@ -75,11 +75,8 @@ def paged_step(page_table, positions, valid, page_size: int) -> AttentionInputs:
 class ModelRunner:
   def __init__(self, model: Transformer, mesh, *, num_pages: int, page_size: int,
                kv_dtype=None, name: str = "model", compiler_options: dict | None = None,
-               min_rows: int | None = None, matmul_impl: str = "xla"):
+               min_rows: int | None = None):
     self.name = name
-    # "pallas": few-row products of 16-bit weights run the skinny Pallas kernel
-    # (kernels.project); "xla": every product is XLA's.
-    self.matmul_impl = kernels.resolve_matmul_impl(matmul_impl)
     # On GPU, XLA's GEMM kernels for a single row read the weights markedly slower than
     # for eight (one H200, bf16: an 8B-shape decode step took 5.25 ms at 1 row and 4.32 ms
     # with the same 1 row padded to 8; bench/RESULTS.md), so steps of fewer tokens are
@@ -174,7 +171,7 @@ class ModelRunner:
                                            else rows(attn.slot_mapping, -1)),
                              kv_limit=rows(attn.kv_limit))
       logits_at = None if logits_at is None else rows(logits_at)
-    with kernels.on_mesh(self.mesh), kernels.matmuls(self.matmul_impl), precision:
+    with kernels.on_mesh(self.mesh), precision:
       logits, kv, scratch = model(tokens, positions, kv, attn, scratch=scratch,
                                   logits_at=logits_at)
     return (logits[:b] if pad > 0 else logits), kv, scratch

@@ -9,9 +9,7 @@ verification, and SSD tree decode (M branch queries that also attend to their ow
 KV). The caller describes the step with `AttentionInputs`; the model writes the new tokens'
 K/V into the pages given by `slot_mapping` and attends to what `kv_limit` allows.
 
-Every weight product goes through `kernels.project` (an einsum, or a Pallas kernel for
-few rows where the runner asks for it). The K/V projections and the gate/up projections
-are stored stacked (`FUSED_PARAMS`): one
+The K/V projections and the gate/up projections are stored stacked (`FUSED_PARAMS`): one
 GEMM each per layer; checkpoints keep HuggingFace's separate tensors.
 """
 
@@ -138,10 +136,10 @@ class Attention(nnx.Module):
   def __call__(self, x, positions, k_pages, v_pages, attn: AttentionInputs,
                scratch_kv=None, scratch_step=None):
     cfg = self.cfg
-    q = kernels.project("bse,ehd->bshd", x, self.q_proj[...])
+    q = jnp.einsum("bse,ehd->bshd", x, self.q_proj[...])
     if cfg.attention_bias:
       q = q + self.q_bias[...]
-    kv = kernels.project("bse,ethd->bsthd", x, self.kv_proj[...])
+    kv = jnp.einsum("bse,ethd->bsthd", x, self.kv_proj[...])
     if cfg.attention_bias:
       kv = kv + self.kv_bias[...]
     k, v = kv[:, :, 0], kv[:, :, 1]
@@ -169,8 +167,8 @@ class Attention(nnx.Module):
     # may be relaid.
     b, s_len = out.shape[:2]
     o_proj = self.o_proj[...]
-    y = kernels.project("bsf,fe->bse", out.reshape(b, s_len, -1),
-                        o_proj.reshape(-1, o_proj.shape[-1]))
+    y = jnp.einsum("bsf,fe->bse", out.reshape(b, s_len, -1),
+                   o_proj.reshape(-1, o_proj.shape[-1]))
     if cfg.attention_bias:
       y = y + self.o_bias[...]
     return y, k_pages, v_pages, scratch_kv
@@ -185,9 +183,9 @@ class MLP(nnx.Module):
     self.down_proj = _param(rngs, (m, e), ("mlp", "embed"), dtype)
 
   def __call__(self, x):
-    gate_up = kernels.project("bse,etm->bstm", x, self.gate_up_proj[...])
+    gate_up = jnp.einsum("bse,etm->bstm", x, self.gate_up_proj[...])
     gate, up = gate_up[:, :, 0], gate_up[:, :, 1]
-    return kernels.project("bsm,me->bse", jax.nn.silu(gate) * up, self.down_proj[...])
+    return jnp.einsum("bsm,me->bse", jax.nn.silu(gate) * up, self.down_proj[...])
 
 
 class DecoderLayer(nnx.Module):
@@ -231,10 +229,9 @@ class Transformer(nnx.Module):
 
   def logits(self, h):
     if self.cfg.tie_word_embeddings:
-      return kernels.project("...e,ve->...v", h, self.embed_tokens[...], transpose_w=True,
-                             preferred_element_type=jnp.float32)
-    return kernels.project("...e,ev->...v", h, self.lm_head[...],
-                           preferred_element_type=jnp.float32)
+      return jnp.einsum("...e,ve->...v", h, self.embed_tokens[...],
+                        preferred_element_type=jnp.float32)
+    return jnp.einsum("...e,ev->...v", h, self.lm_head[...], preferred_element_type=jnp.float32)
 
   def __call__(self, tokens, positions, kv: KVCache, attn: AttentionInputs,
                scratch: TreeScratch | None = None, logits_at=None):
