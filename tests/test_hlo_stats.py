@@ -5,6 +5,7 @@ import sys
 
 import jax
 import jax.numpy as jnp
+import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -52,3 +53,33 @@ ENTRY %main (x: f32[4]) -> f32[4] {
   c = kernel_counts(text)
   assert (c["kernels"], c["gemms"], c["fusions"], c["custom_calls"], c["graphs"]) == \
       (3, 1, 1, 1, 1)
+
+
+def test_kernel_timeline_summarizes_the_gpu_stream_lane():
+  """Per-call span, busy time, gaps and classes from a hand-made Perfetto trace: two calls
+  of three kernels on a GPU stream, plus a derived "XLA Ops" lane and a host lane that
+  must not count."""
+  from bench.probes.kernel_timeline import kernel_class, summarize
+  meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+          {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+          {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7, "args": {"name": "Stream #7"}},
+          {"ph": "M", "name": "thread_name", "pid": 1, "tid": 8, "args": {"name": "XLA Ops"}}]
+  kernels = []
+  for call, t0 in enumerate((0.0, 100.0)):
+    for name, ts, dur in (("triton_gemm_dot_1", 0, 40), ("loop_add_fusion", 45, 5),
+                          ("paged_attention_kernel", 55, 15)):
+      kernels.append({"ph": "X", "pid": 1, "tid": 7, "name": name, "ts": t0 + ts, "dur": dur})
+  noise = [{"ph": "X", "pid": 1, "tid": 8, "name": "dot.1", "ts": 0, "dur": 170},
+           {"ph": "X", "pid": 2, "tid": 1, "name": "ExecuteOnHost", "ts": 0, "dur": 500}]
+  row = summarize({"traceEvents": meta + kernels + noise}, calls=2)
+  assert row["kernels_per_call"] == 3
+  assert row["span_ms"] == 0.085       # (170 us - 0) / 2 calls
+  assert row["busy_ms"] == 0.06        # (40 + 5 + 15) us per call
+  assert row["gaps_ms"] == 0.025
+  assert row["busy_ms_by_class"] == {"gemm": 0.04, "attention": 0.015, "fusion": 0.005}
+  assert row["top_kernels"][0] == {"name": "triton_gemm_dot_1", "ms_per_call": 0.04,
+                                   "per_call": 1.0, "us_each": 40.0}
+  assert kernel_class("input_reduce_fusion_3") == "fusion"
+  assert kernel_class("sm90_xmma_gemm_bf16") == "gemm"
+  with pytest.raises(ValueError, match="no GPU stream lanes"):
+    summarize({"traceEvents": meta[1:2]}, calls=1)
