@@ -120,25 +120,13 @@ def trace_program(compiled, params, carry, inputs, calls: int):
 
 def main(argv):
   del argv
-  import jax.numpy as jnp
   from absl import flags
-  from bench.probes.step_programs import _pages, build_programs
-  from ssd_jax.checkpoint import REAL_SHAPES, random_model
-  from ssd_jax.engine.runner import ModelRunner
-  from ssd_jax.kernels import resolve_impl
-  from ssd_jax.sharding import MeshSpec, make_meshes
+  from bench.probes.step_programs import programs_from_flags
   F = flags.FLAGS
-  tmesh, dmesh = make_meshes(MeshSpec.parse(F.mesh), F.draft_devices)
-  impl = resolve_impl(F.attention)
-  runners = []
-  for name, mesh, seed in ((F.target, tmesh, 0), (F.draft, dmesh or tmesh, 1)):
-    model = random_model(REAL_SHAPES[name], dtype=jnp.dtype(F.dtype), mesh=mesh,
-                         seed=seed, attention_impl=impl)
-    pages = _pages(F.batch, F.context + (F.k + 1) * F.f + F.k + 2, 64)[1] + 1
-    runners.append(ModelRunner(model, mesh, num_pages=pages, page_size=64, name=name))
-  progs = build_programs(*runners, batch=F.batch, k=F.k, f=F.f, context=F.context,
-                         names=tuple(F.programs))
-  del runners, model
+  if jax.default_backend() != "gpu":
+    raise SystemExit(f"kernel_timeline: needs a GPU (the backend is {jax.default_backend()}): "
+                     "CUPTI traces GPU kernels only")
+  progs = programs_from_flags()
   results = {}
   for name, (runner, step, carry, inputs) in progs.items():
     compiled = jax.jit(step, donate_argnums=(1,)).lower(runner.params, carry, *inputs).compile()

@@ -175,9 +175,9 @@ def measure(programs: dict, modes=("default",), iters: int = 50, latency_iters: 
   return results
 
 
-def main(argv):
-  del argv
-  import json
+def programs_from_flags():
+  """The programs the pair flags (define_pair_flags, --context, --programs) name, over
+  random weights of real shapes; shared with kernel_timeline.py."""
   from absl import flags
   from ssd_jax.checkpoint import REAL_SHAPES, random_model
   from ssd_jax.kernels import resolve_impl
@@ -191,9 +191,16 @@ def main(argv):
                          seed=seed, attention_impl=impl)
     pages = _pages(F.batch, F.context + (F.k + 1) * F.f + F.k + 2, 64)[1] + 1
     runners.append(ModelRunner(model, mesh, num_pages=pages, page_size=64, name=name))
-  progs = build_programs(*runners, batch=F.batch, k=F.k, f=F.f, context=F.context,
-                         names=tuple(F.programs))
-  del runners, model
+  return build_programs(*runners, batch=F.batch, k=F.k, f=F.f, context=F.context,
+                        names=tuple(F.programs))
+
+
+def main(argv):
+  del argv
+  import json
+  from absl import flags
+  F = flags.FLAGS
+  progs = programs_from_flags()
   res = measure(progs, tuple(F.command_buffers), F.iters)
   del progs
   if F.output_json:
