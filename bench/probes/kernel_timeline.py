@@ -3,7 +3,8 @@
 Each program of bench/probes/step_programs.py (the engine's own step, compiled alone) runs
 `calls` times back to back under `jax.profiler.trace` (CUPTI); the Perfetto trace it writes
 is read back here. Per call it reports the span on the compute stream (first kernel start
-to last kernel end), the busy time (kernels summed), the gaps (span - busy), and the busy
+to last kernel end), the busy time (kernels summed), the gaps (span - busy; below zero
+when consecutive kernels overlap, as XLA's GPU kernels may), and the busy
 time split by kernel class (GEMM, attention, other fusions, copies), with the slowest
 kernels by name. A span close to the program's host-timed ms says the device, not the
 host, sets the pace; busy close to span says the kernels leave no gaps.
@@ -11,7 +12,7 @@ host, sets the pace; busy close to span says the kernels leave no gaps.
   PYTHONPATH=$PWD python bench/probes/kernel_timeline.py --target llama-3.1-8b \\
       --draft llama-3.2-1b --draft_devices 0 --output_json /tmp/timeline.json
 
-GPU only (on a CPU there are no device lanes and it says so).
+GPU only: on another backend it says so in one line and exits.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ import gzip
 import json
 import os
 import re
+import shutil
 import tempfile
 
 import jax
@@ -115,7 +117,10 @@ def trace_program(compiled, params, carry, inputs, calls: int):
     for _ in range(calls):
       carry = compiled(params, carry, *inputs)
     jax.block_until_ready(carry)
-  return carry, read_perfetto(log_dir)
+  try:
+    return carry, read_perfetto(log_dir)
+  finally:
+    shutil.rmtree(log_dir, ignore_errors=True)
 
 
 def main(argv):
