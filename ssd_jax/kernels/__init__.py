@@ -1,8 +1,8 @@
-"""Attention over the paged KV cache: one entry point, an XLA reference and Pallas kernels.
+"""A layer's kernels: attention over the paged KV cache, and RoPE + the KV write; each one
+entry point over an XLA reference and a Pallas kernel.
 
-`paged_attention(..., impl=)` picks the implementation: "xla" (reference, any backend),
-"pallas" (Pallas kernels; on CPU they run in interpret mode), or "auto" (Pallas on GPU,
-XLA elsewhere).
+`impl=` picks the implementation: "xla" (reference, any backend), "pallas" (Pallas
+kernels; on CPU they run in interpret mode), or "auto" (Pallas on GPU, XLA elsewhere).
 """
 
 from __future__ import annotations
@@ -11,13 +11,14 @@ import contextlib
 import contextvars
 
 import jax
-import jax.numpy as jnp
 
-from ssd_jax.kernels.reference import dense_attention, extend_attention, merge_attention
+from ssd_jax.kernels.reference import (apply_rope, dense_attention, extend_attention,
+                                       merge_attention, rms_norm, write_kv)
 from ssd_jax.kernels import reference
 
-__all__ = ["paged_attention", "dense_attention", "extend_attention", "merge_attention",
-           "write_kv", "resolve_impl", "on_mesh"]
+__all__ = ["paged_attention", "rope_write_kv", "dense_attention",
+           "extend_attention", "merge_attention", "write_kv", "apply_rope", "rms_norm",
+           "resolve_impl", "on_mesh"]
 
 # The mesh the model is being traced for. Models know nothing of meshes; the runner that
 # places a model declares it here, and kernels that must shard_map over heads read it.
@@ -41,28 +42,6 @@ def resolve_impl(impl: str) -> str:
   return impl
 
 
-def write_kv(k_pages, v_pages, k, v, slot_mapping):
-  """Scatter new K/V [B, Q, Hkv, D] into the pools at flat slots; slot -1 writes nothing.
-
-  The pools are indexed as they are, by (page, offset) pairs, never reshaped to one flat
-  [num_pages * page_size] axis: with one row to write (a batch-1 decode step) XLA turns
-  the scatter of a reshaped pool into a dynamic-update-slice that its CPU backend then
-  duplicates (one for the attention that reads the pool, one for the returned pool),
-  copying every layer's whole pool several times per step. Written this way the update
-  stays in place on every backend, whatever the pool's size.
-  """
-  num_pages, page_size, hkv, d = k_pages.shape
-  flat = slot_mapping.reshape(-1)
-  # An out-of-range page with mode="drop" is how "write nothing" is expressed.
-  page = jnp.where(flat < 0, num_pages, flat // page_size)
-  offset = jnp.where(flat < 0, 0, flat % page_size)
-  k_pages = k_pages.at[page, offset].set(k.reshape(-1, hkv, d).astype(k_pages.dtype),
-                                         mode="drop")
-  v_pages = v_pages.at[page, offset].set(v.reshape(-1, hkv, d).astype(v_pages.dtype),
-                                         mode="drop")
-  return k_pages, v_pages
-
-
 def paged_attention(q, k_pages, v_pages, page_table, kv_limit, *, scale, impl="xla"):
   """See `reference.paged_attention` for the contract; returns (out, lse)."""
   impl = resolve_impl(impl)
@@ -71,3 +50,15 @@ def paged_attention(q, k_pages, v_pages, page_table, kv_limit, *, scale, impl="x
   from ssd_jax.kernels import pallas_attention  # imported lazily: Pallas is heavy
   return pallas_attention.sharded_paged_attention(
       q, k_pages, v_pages, page_table, kv_limit, scale=scale, mesh=_MESH.get())
+
+
+def rope_write_kv(q, kv, positions, inv_freq, k_pages, v_pages, slot_mapping, *,
+                  impl="xla"):
+  """(rotated q, k_pages, v_pages) with the rotated k and v written: see
+  `reference.rope_write_kv`."""
+  if resolve_impl(impl) == "xla":
+    return reference.rope_write_kv(q, kv, positions, inv_freq, k_pages, v_pages,
+                                   slot_mapping)
+  from ssd_jax.kernels import pallas_layer  # pylint: disable=import-outside-toplevel
+  return pallas_layer.sharded_rope_write_kv(q, kv, positions, inv_freq, k_pages, v_pages,
+                                            slot_mapping, mesh=_MESH.get())

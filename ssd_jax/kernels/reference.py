@@ -1,4 +1,6 @@
-"""Paged attention in plain XLA: the reference every Pallas kernel is tested against.
+"""The layer's kernels in plain XLA: the reference every Pallas kernel is tested against.
+
+Paged attention, and RoPE + the KV write.
 
 One function covers prefill, decode, verification and SSD tree decode because every query
 carries its own visibility limit: query (b, i) attends to the logical KV positions
@@ -9,6 +11,7 @@ branch that hangs off glue position a gets kv_limit = n + a + 1.
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 
 NEG_INF = -1e30  # finite, so fully masked rows give exp(-inf)=0 instead of NaN
@@ -122,3 +125,53 @@ def extend_attention(out, lse, q, scratch_kv, kv_len, *, scale):
   acc = (w[..., None] * out.reshape(b, m_, hkv, group, d).astype(f32)
          + jnp.sum(p[..., None] * v, axis=2))
   return (acc / denom[..., None]).reshape(b, m_, hq, d).astype(out.dtype)
+
+
+def rms_norm(x, weight, *, eps: float):
+  """RMSNorm over the last axis, computed in float32, returned in x's dtype."""
+  xf = x.astype(jnp.float32)
+  xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+  return (xf * weight.astype(jnp.float32)).astype(x.dtype)
+
+
+def apply_rope(x, positions, inv_freq):
+  """Rotate x [B, Q, H, D] by its positions [B, Q] (HF's half-split convention)."""
+  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
+  cos = jnp.cos(angles)[:, :, None, :]
+  sin = jnp.sin(angles)[:, :, None, :]
+  half = x.shape[-1] // 2
+  x1 = x[..., :half].astype(jnp.float32)
+  x2 = x[..., half:].astype(jnp.float32)
+  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
+  return out.astype(x.dtype)
+
+
+def write_kv(k_pages, v_pages, k, v, slot_mapping):
+  """Scatter new K/V [B, Q, Hkv, D] into the pools at flat slots; slot -1 writes nothing.
+
+  The pools are indexed as they are, by (page, offset) pairs, never reshaped to one flat
+  [num_pages * page_size] axis: with one row to write (a batch-1 decode step) XLA turns
+  the scatter of a reshaped pool into a dynamic-update-slice that its CPU backend then
+  duplicates (one for the attention that reads the pool, one for the returned pool),
+  copying every layer's whole pool several times per step. Written this way the update
+  stays in place on every backend, whatever the pool's size.
+  """
+  num_pages, page_size, hkv, d = k_pages.shape
+  flat = slot_mapping.reshape(-1)
+  # An out-of-range page with mode="drop" is how "write nothing" is expressed.
+  page = jnp.where(flat < 0, num_pages, flat // page_size)
+  offset = jnp.where(flat < 0, 0, flat % page_size)
+  k_pages = k_pages.at[page, offset].set(k.reshape(-1, hkv, d).astype(k_pages.dtype),
+                                         mode="drop")
+  v_pages = v_pages.at[page, offset].set(v.reshape(-1, hkv, d).astype(v_pages.dtype),
+                                         mode="drop")
+  return k_pages, v_pages
+
+
+def rope_write_kv(q, kv, positions, inv_freq, k_pages, v_pages, slot_mapping):
+  """RoPE on q [B, Q, Hq, D] and on k at positions [B, Q], and the rotated k and v
+  written into the pools at slot_mapping [B, Q] (-1 writes nothing); kv [B, Q, 2, Hkv, D]
+  holds k at index 0 and v at 1. Returns (rotated q, k_pages, v_pages)."""
+  k_pages, v_pages = write_kv(k_pages, v_pages, apply_rope(kv[:, :, 0], positions, inv_freq),
+                              kv[:, :, 1], slot_mapping)
+  return apply_rope(q, positions, inv_freq), k_pages, v_pages

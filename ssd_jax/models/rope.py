@@ -1,10 +1,10 @@
-"""Rotary position embeddings, with Llama-3.1's frequency scaling."""
+"""Rotary position embedding frequencies, with Llama-3.1's scaling (the rotation itself is
+a kernel: `kernels.apply_rope`, or fused with the KV write in `kernels.rope_write_kv`)."""
 
 from __future__ import annotations
 
 import math
 
-import jax.numpy as jnp
 import numpy as np
 
 
@@ -23,15 +23,3 @@ def rope_frequencies(head_dim: int, theta: float, scaling: dict | None) -> np.nd
   scaled = np.where(wavelen > old_len / low, inv / factor, inv)
   mid = (wavelen <= old_len / low) & (wavelen >= old_len / high)
   return np.where(mid, (1 - smooth) * inv / factor + smooth * inv, scaled)
-
-
-def apply_rope(x, positions, inv_freq):
-  """Rotate x [B, Q, H, D] by its positions [B, Q] (HF's half-split convention)."""
-  angles = positions.astype(jnp.float32)[..., None] * jnp.asarray(inv_freq, jnp.float32)
-  cos = jnp.cos(angles)[:, :, None, :]
-  sin = jnp.sin(angles)[:, :, None, :]
-  half = x.shape[-1] // 2
-  x1 = x[..., :half].astype(jnp.float32)
-  x2 = x[..., half:].astype(jnp.float32)
-  out = jnp.concatenate([x1 * cos - x2 * sin, x2 * cos + x1 * sin], axis=-1)
-  return out.astype(x.dtype)

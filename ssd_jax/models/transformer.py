@@ -23,7 +23,7 @@ from flax import nnx
 
 from ssd_jax.config import ModelConfig
 from ssd_jax import kernels
-from ssd_jax.models.rope import apply_rope, rope_frequencies
+from ssd_jax.models.rope import rope_frequencies
 
 
 @jax.tree_util.register_dataclass
@@ -108,9 +108,7 @@ class RMSNorm(nnx.Module):
     self.eps = eps
 
   def __call__(self, x):
-    xf = x.astype(jnp.float32)
-    xf = xf * jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + self.eps)
-    return (xf * self.weight[...].astype(jnp.float32)).astype(x.dtype)
+    return kernels.rms_norm(x, self.weight[...], eps=self.eps)
 
 
 class Attention(nnx.Module):
@@ -142,15 +140,22 @@ class Attention(nnx.Module):
     kv = jnp.einsum("bse,ethd->bsthd", x, self.kv_proj[...])
     if cfg.attention_bias:
       kv = kv + self.kv_bias[...]
-    k, v = kv[:, :, 0], kv[:, :, 1]
     if cfg.qk_norm:
-      q, k = self.q_norm(q), self.k_norm(k)
+      q = self.q_norm(q)
+      kv = jnp.stack([self.k_norm(kv[:, :, 0]), kv[:, :, 1]], axis=2)
     # Computed at trace time from the config (a constant in the compiled program).
     inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict)
-    q = apply_rope(q, positions, inv_freq)
-    k = apply_rope(k, positions, inv_freq)
-    if attn.slot_mapping is not None:
-      k_pages, v_pages = kernels.write_kv(k_pages, v_pages, k, v, attn.slot_mapping)
+    if attn.slot_mapping is not None and scratch_kv is None:
+      # The rotations and both page writes in one kernel where the impl allows; it reads
+      # K and V from the stacked projection output as it is (no slices to copy first).
+      q, k_pages, v_pages = kernels.rope_write_kv(q, kv, positions, inv_freq, k_pages,
+                                                  v_pages, attn.slot_mapping,
+                                                  impl=self.attention_impl)
+    else:
+      q = kernels.apply_rope(q, positions, inv_freq)
+      k, v = kernels.apply_rope(kv[:, :, 0], positions, inv_freq), kv[:, :, 1]
+      if attn.slot_mapping is not None:
+        k_pages, v_pages = kernels.write_kv(k_pages, v_pages, k, v, attn.slot_mapping)
     scale = cfg.head_dim ** -0.5
     out, lse = kernels.paged_attention(q, k_pages, v_pages, attn.page_table, attn.kv_limit,
                                        scale=scale, impl=self.attention_impl)
