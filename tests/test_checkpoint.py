@@ -66,6 +66,7 @@ def _error(fn, exc=CheckpointError) -> str:
 
 @pytest.mark.parametrize("path,shape", [
     (("layers", 0, "self_attn", "q_proj"), (6, 4, 5)),
+    (("layers", 0, "self_attn", "q_proj"), (6, 2, 3, 5)),  # the query part of qkv_proj
     (("layers", 0, "self_attn", "o_proj"), (4, 5, 6)),
     (("layers", 0, "self_attn", "k_bias"), (4, 5)),
     (("layers", 0, "mlp", "down_proj"), (7, 6)),
@@ -91,26 +92,62 @@ def test_layout_block_reads_match_full_conversion(path, shape):
     np.testing.assert_array_equal(layout.read_block(hf[hf_sl], post), full[index])
 
 
-def test_stacked_layout_names_and_blocks():
-  """A fused parameter reads as the stack of its HF tensors, block by block."""
-  from ssd_jax.checkpoint.layout import StackedLayout, layout_for
+def test_fused_layout_names_and_blocks():
+  """A fused parameter reads as its HF tensors side by side, block by block."""
+  from ssd_jax.checkpoint.layout import FusedLayout, layout_for
   layout = layout_for(("layers", 2, "mlp", "gate_up_proj"), (6, 2, 10))
-  assert isinstance(layout, StackedLayout) and layout.stack_axis == 1
+  assert isinstance(layout, FusedLayout) and layout.stack_axis == 1
   assert [p.hf_name for p in layout.parts] == ["model.layers.2.mlp.gate_proj.weight",
                                                "model.layers.2.mlp.up_proj.weight"]
   assert all(p.hf_shape == (10, 6) for p in layout.parts)
-  kv = layout_for(("layers", 0, "self_attn", "kv_bias"), (2, 4, 5))
-  assert [p.hf_name for p in kv.parts] == ["model.layers.0.self_attn.k_proj.bias",
-                                           "model.layers.0.self_attn.v_proj.bias"]
-  assert kv.kind == "bias" and kv.part_spec((None, "tp", None)) == ("tp", None)
+  bias = layout_for(("layers", 0, "self_attn", "qkv_bias"), (4, 3 + 2, 5))
+  assert [p.hf_name for p in bias.parts] == ["model.layers.0.self_attn.q_proj.bias",
+                                             "model.layers.0.self_attn.k_proj.bias",
+                                             "model.layers.0.self_attn.v_proj.bias"]
+  assert [p.hf_shape for p in bias.parts] == [(60,), (20,), (20,)]
+  assert bias.kind == "bias" and bias.widths == (3, 1, 1)
+  assert bias.part_spec(("tp", None, None), 0) == ("tp", None, None)
+  assert bias.part_spec(("tp", None, None), 1) == ("tp", None)
   hfs = [np.arange(60, dtype=np.float32).reshape(10, 6) + 100 * j for j in range(2)]
   full = np.stack([p.from_hf(h) for p, h in zip(layout.parts, hfs)], axis=1)
   index = (slice(1, 4), slice(1, 2), slice(5, 10))
-  parts, rest = layout.part_index(index)
-  assert len(parts) == 1 and parts[0] is layout.parts[1]
-  hf_sl, post = parts[0].hf_slices(rest)
-  np.testing.assert_array_equal(parts[0].read_block(hfs[1][hf_sl], post),
-                                full[index][:, 0])
+  covered = layout.part_index(index)
+  assert [j for j, _ in covered] == [1]
+  part, rest = layout.parts[1], covered[0][1]
+  hf_sl, post = part.hf_slices(rest)
+  np.testing.assert_array_equal(part.read_block(hfs[1][hf_sl], post), full[index][:, 0])
+
+
+def test_fused_qkv_is_grouped_by_kv_head():
+  """qkv_proj [embed, kv_heads, group + 2, head_dim]: KV head i's slots hold HF's query
+  heads i*group .. (i+1)*group - 1, then K head i, then V head i; any block reads right."""
+  from ssd_jax.checkpoint.layout import layout_for
+  e, kv, g, d = 6, 2, 3, 4
+  layout = layout_for(("layers", 0, "self_attn", "qkv_proj"), (e, kv, g + 2, d))
+  assert [p.hf_shape for p in layout.parts] == [(kv * g * d, e), (kv * d, e), (kv * d, e)]
+  hfs = [np.arange(np.prod(p.hf_shape), dtype=np.float32).reshape(p.hf_shape) + 1000 * j
+         for j, p in enumerate(layout.parts)]
+  q, k, v = (h.T.reshape(e, -1, d) for h in hfs)  # [embed, heads, head_dim], HF's order
+  full = layout.join([p.from_hf(h) for p, h in zip(layout.parts, hfs)], [0, 1, 2])
+  for i in range(kv):
+    np.testing.assert_array_equal(full[:, i, :g], q[:, i * g:(i + 1) * g])
+    np.testing.assert_array_equal(full[:, i, g], k[:, i])
+    np.testing.assert_array_equal(full[:, i, g + 1], v[:, i])
+  for got, part, h in zip(layout.split(full), layout.parts, hfs):
+    np.testing.assert_array_equal(part.to_hf(got), h)
+  rng = np.random.default_rng(0)
+  for _ in range(20):
+    index = []
+    for n in layout.shape:
+      a = int(rng.integers(0, n))
+      index.append(slice(a, int(rng.integers(a + 1, n + 1))))
+    covered = layout.part_index(tuple(index))
+    blocks = []
+    for j, rest in covered:
+      hf_sl, post = layout.parts[j].hf_slices(rest)
+      blocks.append(layout.parts[j].read_block(hfs[j][hf_sl], post))
+    np.testing.assert_array_equal(layout.join(blocks, [j for j, _ in covered]),
+                                  full[tuple(index)])
 
 
 def test_on_device_layout_conversion_matches_host(tmp_path):
@@ -301,9 +338,8 @@ def test_random_model_shapes_and_shardings():
                    for a in var.axes)
     assert tuple(x.sharding.spec) + (None,) * (x.ndim - len(x.sharding.spec)) == expect
   attn = model.layers[0].self_attn
-  assert attn.q_proj[...].sharding.spec == P(None, "tp", None)
-  # Fused parameters: the stacking axis is never sharded, the heads / MLP columns are.
-  assert attn.kv_proj[...].sharding.spec == P(None, None, "tp", None)
+  # Fused parameters: the stacking axis is never sharded, the (KV) heads / MLP columns are.
+  assert attn.qkv_proj[...].sharding.spec == P(None, "tp", None, None)
   assert model.layers[0].mlp.gate_up_proj[...].sharding.spec == P(None, None, "tp")
   np.testing.assert_array_equal(np.asarray(attn.q_norm.weight[...], np.float32), 1.0)
   up = lambda m, i: np.asarray(m.layers[i].mlp.gate_up_proj[...], np.float32)[:, 1]
@@ -370,9 +406,13 @@ def test_fused_projections_equal_separate_ones(tmp_path):
   hf.save_pretrained(str(tmp_path / "sep"))
   loaded, _ = load_model(str(tmp_path / "sep"))
   flat = default_draft.flat_params(loaded)
-  assert "layers.0.self_attn.kv_proj" in flat and "layers.0.mlp.gate_up_proj" in flat
+  assert "layers.0.self_attn.qkv_proj" in flat and "layers.0.mlp.gate_up_proj" in flat
   parts = unfuse_flat({k: np.asarray(v) for k, v in flat.items()})
   assert "layers.0.self_attn.k_proj" in parts and "layers.0.mlp.up_proj" in parts
+  hd = hf_cfg.head_dim
+  assert parts["layers.0.self_attn.q_proj"].shape == (hf_cfg.hidden_size,
+                                                      hf_cfg.num_attention_heads, hd)
+  assert parts["layers.0.self_attn.q_bias"].shape == (hf_cfg.num_attention_heads, hd)
   for k, v in fuse_flat(parts).items():
     np.testing.assert_array_equal(v, np.asarray(flat[k]))
   tokens = jnp.asarray([PROMPTS[0]], jnp.int32)

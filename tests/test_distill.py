@@ -202,15 +202,15 @@ def test_int8_draft_layers_store_what_the_round_trip_says(tmp_path):
   rng = np.random.default_rng(0)
   flat = {"layers.0.mlp.down_proj": rng.normal(0, 0.05, (48, 40)).astype(np.float32),
           "layers.0.input_layernorm.weight": rng.normal(1, 0.1, (40,)).astype(np.float32),
-          "layers.0.self_attn.kv_proj": rng.normal(0, 0.05, (40, 2, 2, 7)).astype(np.float32)}
+          "layers.0.self_attn.qkv_proj": rng.normal(0, 0.05, (40, 2, 3 + 2, 7)).astype(np.float32)}
   rt = draft_init.int8_round_trip(flat)
   # blocks of 32 with a scale each: error within half a step of the block's scale; the
-  # fused kv_proj is quantized as its stored parts, k_proj and v_proj
+  # fused qkv_proj is quantized as its stored parts, q_proj, k_proj and v_proj
   for k, v in flat.items():
     err = np.abs(rt[k] - v).max()
     assert err <= (np.abs(v).max() / 127 / 2 + 1e-7 if v.ndim > 1 else 0), k
-  k_part = flat["layers.0.self_attn.kv_proj"][:, 0]
-  np.testing.assert_array_equal(rt["layers.0.self_attn.kv_proj"][:, 0],
+  k_part = flat["layers.0.self_attn.qkv_proj"][:, :, 3]
+  np.testing.assert_array_equal(rt["layers.0.self_attn.qkv_proj"][:, :, 3],
                                 default_draft.int8_dequantize(*draft_init.int8_quantize(k_part),
                                                            k_part.shape))
   out = str(tmp_path / "layers")

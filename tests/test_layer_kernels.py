@@ -27,13 +27,13 @@ def jit(f):
 def rope_inputs(seed, *, batch, nq, hq, hkv, d, page_size, num_pages, dtype):
   rng = np.random.default_rng(seed)
   f = lambda *s: jnp.asarray(rng.standard_normal(s), dtype)
-  q, kv = f(batch, nq, hq, d), f(batch, nq, 2, hkv, d)
+  qkv = f(batch, nq, hkv, hq // hkv + 2, d)  # per KV head: its query heads, K, V
   kp, vp = f(num_pages, page_size, hkv, d), f(num_pages, page_size, hkv, d)
   positions = jnp.asarray(rng.integers(0, 5000, (batch, nq)), jnp.int32)
   # Distinct slots in shuffled pages; some tokens write nothing (-1, padding).
   slots = rng.permutation(num_pages * page_size)[:batch * nq].reshape(batch, nq)
   slots[rng.random((batch, nq)) < 0.3] = -1
-  return q, kv, positions, kp, vp, jnp.asarray(slots, jnp.int32)
+  return qkv, positions, kp, vp, jnp.asarray(slots, jnp.int32)
 
 
 @pytest.mark.parametrize("case", [
@@ -43,11 +43,11 @@ def rope_inputs(seed, *, batch, nq, hq, hkv, d, page_size, num_pages, dtype):
 ], ids=["f32-gqa4", "bf16-smollm-heads", "bf16-mha-d128"])
 def test_rope_write_kv_matches_reference(case):
   dtype = case["dtype"]
-  q, kv, pos, kp, vp, slots = rope_inputs(1, **case)
+  qkv, pos, kp, vp, slots = rope_inputs(1, **case)
   inv_freq = rope_frequencies(case["d"], 500000.0, {
       "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
       "original_max_position_embeddings": 8192})
-  run = lambda f: jit(lambda *a: f(*a[:3], inv_freq, *a[3:]))(q, kv, pos, kp, vp, slots)
+  run = lambda f: jit(lambda *a: f(*a[:2], inv_freq, *a[2:]))(qkv, pos, kp, vp, slots)
   qo, kpo, vpo = run(pallas_layer.rope_write_kv)
   ref_q, ref_kp, ref_vp = run(reference.rope_write_kv)
   tol = TOL[dtype]
@@ -65,24 +65,24 @@ def test_rope_write_kv_matches_reference(case):
   s = np.asarray(slots)
   b, i = np.nonzero(s >= 0)
   np.testing.assert_array_equal(
-      np.asarray(vpo).reshape(-1, *vp.shape[2:])[s[b, i]], np.asarray(kv)[b, i, 1])
+      np.asarray(vpo).reshape(-1, *vp.shape[2:])[s[b, i]], np.asarray(qkv)[b, i, :, -1])
 
 
 def test_dispatch_picks_the_reference_for_xla():
-  q, kv, pos, kp, vp, slots = rope_inputs(2, batch=1, nq=2, hq=4, hkv=2, d=16,
-                                          page_size=4, num_pages=2, dtype="float32")
+  qkv, pos, kp, vp, slots = rope_inputs(2, batch=1, nq=2, hq=4, hkv=2, d=16,
+                                        page_size=4, num_pages=2, dtype="float32")
   inv_freq = rope_frequencies(16, 10000.0, None)
-  got = kernels.rope_write_kv(q, kv, pos, inv_freq, kp, vp, slots, impl="xla")
-  want = reference.rope_write_kv(q, kv, pos, inv_freq, kp, vp, slots)
+  got = kernels.rope_write_kv(qkv, pos, inv_freq, kp, vp, slots, impl="xla")
+  want = reference.rope_write_kv(qkv, pos, inv_freq, kp, vp, slots)
   for a, b in zip(got, want):
     np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
 def test_rope_write_kv_rejects_mismatched_shapes():
-  q, kv, pos, kp, vp, slots = rope_inputs(2, batch=1, nq=2, hq=4, hkv=2, d=16,
-                                          page_size=4, num_pages=2, dtype="float32")
+  qkv, pos, kp, vp, slots = rope_inputs(2, batch=1, nq=2, hq=4, hkv=2, d=16,
+                                        page_size=4, num_pages=2, dtype="float32")
   with pytest.raises(ValueError, match="disagree"):
-    pallas_layer.rope_write_kv(q, kv[:, :, 0], pos, rope_frequencies(16, 1e4, None), kp,
+    pallas_layer.rope_write_kv(qkv[:, :, :1], pos, rope_frequencies(16, 1e4, None), kp,
                                vp, slots)
 
 
@@ -92,15 +92,15 @@ def test_sharded_rope_write_kv(mesh_shape):
     pytest.skip("needs 4 devices")
   dp, tp = mesh_shape
   mesh = Mesh(np.array(jax.devices()[:dp * tp]).reshape(dp, tp), ("dp", "tp"))
-  q, kv, pos, kp, vp, slots = rope_inputs(3, batch=2, nq=2, hq=8, hkv=4, d=32,
-                                          page_size=8, num_pages=4, dtype="float32")
+  qkv, pos, kp, vp, slots = rope_inputs(3, batch=2, nq=2, hq=8, hkv=4, d=32,
+                                        page_size=8, num_pages=4, dtype="float32")
   inv_freq = rope_frequencies(32, 10000.0, None)
   heads = NamedSharding(mesh, P(None, None, "tp", None))
-  qs, kps, vps = (jax.device_put(a, heads) for a in (q, kp, vp))
-  kvs = jax.device_put(kv, NamedSharding(mesh, P(None, None, None, "tp", None)))
-  got = jit(lambda *a: pallas_layer.sharded_rope_write_kv(*a[:3], inv_freq, *a[3:],
+  kps, vps = (jax.device_put(a, heads) for a in (kp, vp))
+  qkvs = jax.device_put(qkv, NamedSharding(mesh, P(None, None, "tp", None, None)))
+  got = jit(lambda *a: pallas_layer.sharded_rope_write_kv(*a[:2], inv_freq, *a[2:],
                                                           mesh=mesh))(
-      qs, kvs, pos, kps, vps, slots)
-  want = reference.rope_write_kv(q, kv, pos, inv_freq, kp, vp, slots)
+      qkvs, pos, kps, vps, slots)
+  want = reference.rope_write_kv(qkv, pos, inv_freq, kp, vp, slots)
   for a, b in zip(got, want):
     np.testing.assert_allclose(np.asarray(a), np.asarray(b), rtol=1e-5, atol=1e-5)

@@ -79,10 +79,11 @@ def test_tensor_parallel_matches_single_device(tmp_path):
   mesh, _ = make_meshes(MeshSpec(tp=4, dp=1))
   m1, cfg = load_model(path)
   m4, _ = load_model(path, mesh=mesh)
-  q = m4.layers[0].self_attn.q_proj[...]
-  assert q.sharding.spec == P(None, "tp", None) and len(q.sharding.device_set) == 4
-  assert {s.data.shape for s in q.addressable_shards} == {(cfg.hidden_size, cfg.num_heads // 4,
-                                                           cfg.head_dim)}
+  qkv = m4.layers[0].self_attn.qkv_proj[...]
+  assert qkv.sharding.spec == P(None, "tp", None, None) and len(qkv.sharding.device_set) == 4
+  group = cfg.num_heads // cfg.num_kv_heads
+  assert {s.data.shape for s in qkv.addressable_shards} == {
+      (cfg.hidden_size, cfg.num_kv_heads // 4, group + 2, cfg.head_dim)}
   assert m4.embed_tokens[...].sharding.spec == P("tp", None)
   assert m4.layers[1].mlp.down_proj[...].sharding.spec == P("tp", None)
   assert m4.norm.weight[...].sharding.is_fully_replicated

@@ -5,7 +5,7 @@
 #   BASE=.ab/base bash bench/gpu/layer_kernels.sh
 #
 # 1. their tests on the GPU (Triton kernels against the XLA reference, the model with
-#    either impl); 2. AR end to end at real shapes (bench/probes/fixed_cost.py) with this
+#    either impl) and the engine's exactness tests; 2. AR end to end at real shapes (bench/probes/fixed_cost.py) with this
 #    tree; 3. the same with the tree at $BASE (a copy of the code before, e.g. from
 #    `git archive <commit> ssd_jax bench`; skipped when unset), A/B in the same process
 #    kind and minute (after 3.); 3. AR again with XLA's command-buffer log on, summarised
@@ -23,6 +23,9 @@ nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem --format=csv | te
 PYTHONPATH=$PWD JAX_PLATFORMS=cuda timeout ${TEST_S:-200} $PY -m pytest -q -p no:cacheprovider \
   tests/test_layer_kernels.py tests/test_kernels.py -k "rope or model_pallas" \
   2>&1 | tail -15 | tee "$OUT/gpu_pytest.log"
+# The engine's exactness tests on the GPU (AR = SD = SSD token for token, float32).
+PYTHONPATH=$PWD JAX_PLATFORMS=cuda timeout ${EXACT_S:-300} $PY -m pytest -q -p no:cacheprovider \
+  tests/test_engine_exact.py 2>&1 | tail -15 | tee "$OUT/gpu_exact.log"
 PYTHONPATH=$PWD timeout ${NEW_S:-240} $PY bench/probes/fixed_cost.py --models "$MODELS" --batches 1 \
   --variants "$VARIANTS" --output_json "$OUT/fixed_cost_new.json" 2>&1 | grep -v -i warning \
   | tee "$OUT/fixed_cost_new.log"

@@ -2,8 +2,8 @@
 
 A draft with frozen embeddings shares them with its target, so the package keeps only the
 other weights (safetensors under ssd_jax/drafts/, in the engine's own names and shapes,
-except that fused parameters are stored as their separate HF-named parts: k_proj and v_proj,
-not kv_proj) plus a json with the config. `ensure_default_draft` joins them with the
+except that fused parameters are stored as their separate HF-named parts: q_proj, k_proj
+and v_proj, not qkv_proj) plus a json with the config. `ensure_default_draft` joins them with the
 target's embedding into a full HuggingFace dir in the cache on first use. The writing side
 (training, int8 packing) is ssd_jax.distill's.
 """
@@ -76,7 +76,7 @@ def int8_dequantize(q, scale, shape) -> "np.ndarray":
 
 def load_draft_layers(src_dir: str) -> tuple[ModelConfig, dict]:
   """(config, {name: array}) from a `save_draft_layers` directory, in the model's names
-  (int8 dequantized; the stored k/v and gate/up parts stacked into the fused parameters)."""
+  (int8 dequantized; the stored q/k/v and gate/up parts joined into the fused parameters)."""
   import ml_dtypes
   from safetensors.numpy import load_file
   with open(os.path.join(src_dir, "draft.json")) as f:

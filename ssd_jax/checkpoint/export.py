@@ -37,17 +37,16 @@ def save_hf_checkpoint(model, cfg: ModelConfig, out_dir: str, tokenizer=None, dt
     value = var_value(var)
     np_dtype = np.dtype(jnp.dtype(dtype if dtype is not None else value.dtype))
     names.append(np_dtype.name)
-    # A stacked parameter (k/v, gate/up) becomes one HF tensor per part; the parameter is
+    # A fused parameter (q/k/v, gate/up) becomes one HF tensor per part; the parameter is
     # gathered to the host once, when its first part is written, and dropped after the
     # last (tensors are written in order).
     held: dict = {}
 
     def produce(value=value, part=None, j=0, layout=layout, np_dtype=np_dtype, held=held):
       if "host" not in held:
-        held["host"] = np.asarray(jax.device_get(value))
-      host = held["host"]
-      if layout.stack_axis is not None:
-        host = np.take(host, j, axis=layout.stack_axis)
+        host = np.asarray(jax.device_get(value))
+        held["host"] = [host] if layout.stack_axis is None else layout.split(host)
+      host = held["host"][j]
       if j == len(layout.parts) - 1:
         held.clear()
       yield from chunks_of(part.to_hf(host).astype(np_dtype, copy=False))

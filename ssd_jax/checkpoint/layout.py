@@ -3,9 +3,9 @@
 Our parameters are split per head for sharding (q_proj [embed, heads, head_dim], o_proj
 [heads, head_dim, embed], ...) while HF stores `nn.Linear` weights as [out, in]. Every
 parameter is described by one `TensorLayout`: our array is the HF tensor reshaped to
-`split` and transposed by `perm`. A fused parameter (K and V, gate and up: one GEMM
-each, `FUSED_PARAMS` in models/transformer.py) is a `StackedLayout`: several such HF
-tensors stacked along one (never sharded) axis. The loader, the exporter and the
+`split` and transposed by `perm`. A fused parameter (Q, K and V, gate and up: one GEMM
+each, `FUSED_PARAMS` in models/transformer.py) is a `FusedLayout`: several such HF
+tensors side by side along one (never sharded) axis. The loader, the exporter and the
 random-checkpoint writer all use this one table, so they cannot drift apart; each of them
 reads or writes `layout.parts`, the HF tensors of a parameter, one at a time; `fuse_flat`
 and `unfuse_flat` apply the same map to {dotted name: array} dicts.
@@ -24,7 +24,7 @@ from ssd_jax.models.transformer import FUSED_PARAMS
 
 # Linear weights whose first `n` of our axes are the input side (HF's second dim);
 # the remaining axes are the output side (HF's first dim), split per head where needed.
-# k/v and gate/up are the parts of fused parameters (StackedLayout), laid out as if alone.
+# q/k/v and gate/up are the parts of fused parameters (FusedLayout), laid out as if alone.
 _LINEAR_IN_AXES = {"q_proj": 1, "k_proj": 1, "v_proj": 1, "o_proj": 2, "gate_proj": 1,
                    "up_proj": 1, "down_proj": 1, "lm_head": 1}
 _BIASES = {"q_bias": "q_proj", "k_bias": "k_proj", "v_bias": "v_proj", "o_bias": "o_proj"}
@@ -74,7 +74,7 @@ class TensorLayout:
     """The HF tensors this parameter is made of: itself."""
     return (self,)
 
-  stack_axis = None  # not stacked (see StackedLayout)
+  stack_axis = squeezed = None  # not fused (see FusedLayout)
 
   @property
   def is_identity(self) -> bool:
@@ -120,36 +120,63 @@ class TensorLayout:
 
 
 @dataclasses.dataclass(frozen=True)
-class StackedLayout:
-  """A parameter made of HF tensors stacked along `stack_axis` of ours.
+class FusedLayout:
+  """A parameter made of HF tensors side by side along `stack_axis` of ours.
 
-  parts[j] is the layout of the j-th HF tensor (e.g. k_proj, then v_proj), as if it were a
-  parameter of our shape without the stacking axis; ours[..., j, ...] (j on stack_axis)
-  is that part. The stacking axis is never sharded (logical name "stack"), so a device's
-  block of ours is the stack of the same block of every part.
+  parts[j] is the layout of the j-th HF tensor (e.g. q_proj, k_proj, v_proj), as if it
+  were a parameter of its own: with the stacking axis, `widths[j]` wide, if it is the
+  fused parameter's `wide` part, and without it (one slot) otherwise (`squeezed[j]`). The
+  stacking axis is never sharded (logical name "stack"), so a device's block of ours is
+  the same block of every part, side by side.
   """
   path: tuple
   shape: tuple
   stack_axis: int
   parts: tuple
+  squeezed: tuple
 
   @property
   def kind(self) -> str:
     return self.parts[0].kind
 
-  def part_spec(self, ours_spec: tuple) -> tuple:
-    """Our partition spec without the stacking axis: the spec of each part."""
+  @property
+  def widths(self) -> tuple:
+    return tuple(1 if sq else p.shape[self.stack_axis]
+                 for p, sq in zip(self.parts, self.squeezed))
+
+  def part_spec(self, ours_spec: tuple, j: int) -> tuple:
+    """The partition spec of part j, given ours."""
     ours_spec = tuple(ours_spec) + (None,) * (len(self.shape) - len(ours_spec))
     if ours_spec[self.stack_axis] is not None:
       raise ValueError(f"{'.'.join(map(str, self.path))}: the stacking axis must not be "
                        f"sharded (spec {ours_spec})")
+    if not self.squeezed[j]:
+      return ours_spec
     return ours_spec[:self.stack_axis] + ours_spec[self.stack_axis + 1:]
 
-  def part_index(self, index: tuple) -> tuple[tuple, tuple]:
-    """For a block `index` of ours: (the parts it covers, the index into each part)."""
+  def part_index(self, index: tuple) -> list[tuple[int, tuple]]:
+    """For a block `index` of ours: [(j, the index into part j)] for the parts it covers,
+    in order along the stacking axis."""
+    a = self.stack_axis
     index = tuple(index) + (slice(None),) * (len(self.shape) - len(index))
-    return (self.parts[index[self.stack_axis]],
-            index[:self.stack_axis] + index[self.stack_axis + 1:])
+    lo, hi = index[a].indices(self.shape[a])[:2]
+    out, start = [], 0
+    for j, width in enumerate(self.widths):
+      first, last = max(lo, start), min(hi, start + width)
+      if first < last:
+        inner = () if self.squeezed[j] else (slice(first - start, last - start),)
+        out.append((j, index[:a] + inner + index[a + 1:]))
+      start += width
+    return out
+
+  def join(self, blocks: list, js: list, xp=np):
+    """Blocks of parts `js` (as `part_index` lists them) -> the block of ours."""
+    return xp.concatenate([xp.expand_dims(b, self.stack_axis) if self.squeezed[j] else b
+                           for b, j in zip(blocks, js)], axis=self.stack_axis)
+
+  def split(self, ours: np.ndarray) -> list:
+    """Our array -> each part's array, in its own layout."""
+    return _split_fused(ours, self.stack_axis, self.widths, self.squeezed)
 
 
 def _key(k):
@@ -164,17 +191,18 @@ def state_path(keypath) -> tuple:
   return tuple(_key(k) for k in keypath)
 
 
-def layout_for(path: tuple, shape: tuple) -> TensorLayout | StackedLayout:
+def layout_for(path: tuple, shape: tuple) -> TensorLayout | FusedLayout:
   """The HF name(s) and layout of one of our parameters, given its path and shape."""
   shape = tuple(int(s) for s in shape)
   if path and path[-1] in FUSED_PARAMS:
-    names, axis = FUSED_PARAMS[path[-1]]
-    if len(shape) <= axis or shape[axis] != len(names):
-      raise KeyError(f"{'.'.join(map(str, path))}: shape {shape} does not stack "
-                     f"{len(names)} tensors on axis {axis}")
-    part_shape = shape[:axis] + shape[axis + 1:]
-    parts = tuple(layout_for(path[:-1] + (name,), part_shape) for name in names)
-    return StackedLayout(path, shape, axis, parts)
+    fused = FUSED_PARAMS[path[-1]]
+    widths = _fused_widths(path, shape)
+    parts = [layout_for(path[:-1] + (name,),
+                        shape[:fused.axis] + ((w,) if name == fused.wide else ())
+                        + shape[fused.axis + 1:])
+             for name, w in zip(fused.parts, widths)]
+    return FusedLayout(path, shape, fused.axis, tuple(parts),
+                       tuple(name != fused.wide for name in fused.parts))
   ident = lambda name: TensorLayout(path, name, shape, shape, tuple(range(len(shape))),
                                     (1,) * len(shape))
   if path == ("embed_tokens",):
@@ -198,6 +226,26 @@ def layout_for(path: tuple, shape: tuple) -> TensorLayout | StackedLayout:
   raise KeyError(f"no HuggingFace name known for model parameter {'.'.join(map(str, path))}")
 
 
+def _fused_widths(path: tuple, shape: tuple) -> tuple:
+  """How many slots of the fused axis each part of fused parameter `path[-1]` takes."""
+  fused = FUSED_PARAMS[path[-1]]
+  narrow = len(fused.parts) - (fused.wide is not None)
+  wide = shape[fused.axis] - narrow if len(shape) > fused.axis else -1
+  if wide < (1 if fused.wide else 0) or (fused.wide is None and wide):
+    raise KeyError(f"{'.'.join(map(str, path))}: shape {shape} does not fuse "
+                   f"{', '.join(fused.parts)} on axis {fused.axis}")
+  return tuple(wide if name == fused.wide else 1 for name in fused.parts)
+
+
+def _split_fused(ours: np.ndarray, axis: int, widths: tuple, squeezed: tuple) -> list:
+  out, start = [], 0
+  for width, sq in zip(widths, squeezed):
+    piece = np.take(ours, np.arange(start, start + width), axis=axis)
+    out.append(np.squeeze(piece, axis) if sq else piece)
+    start += width
+  return out
+
+
 def _linear(path, name, shape, n_in) -> TensorLayout:
   ins, outs = shape[:n_in], shape[n_in:]
   split = outs + ins
@@ -210,7 +258,7 @@ def is_param(x) -> bool:
   return isinstance(x, nnx.Param)
 
 
-def param_layouts(abstract_state) -> list[tuple[TensorLayout | StackedLayout, object]]:
+def param_layouts(abstract_state) -> list[tuple[TensorLayout | FusedLayout, object]]:
   """(layout, Param) for every nnx.Param of a (possibly abstract) model state, in order."""
   leaves = jax.tree_util.tree_flatten_with_path(
       abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))[0]
@@ -229,26 +277,34 @@ def var_value(var):
 
 
 # -- the same map for named host arrays (the bundled draft's files, distillation) --------
+# There each part has the shape it has as a parameter of its own: the wide part's
+# stacking axis merged into the axis before it (q_proj [embed, heads, head_dim]).
 def unfuse_flat(flat: dict) -> dict:
   """{dotted name: array} with each fused parameter split into its HF-named parts
-  ('layers.0.self_attn.kv_proj' -> '...k_proj' and '...v_proj'); other names unchanged."""
+  ('layers.0.self_attn.qkv_proj' -> '...q_proj', '...k_proj', '...v_proj'); other names
+  unchanged."""
   out = {}
   for name, value in flat.items():
     prefix, _, leaf = name.rpartition(".")
     if leaf not in FUSED_PARAMS:
       out[name] = value
       continue
-    parts, axis = FUSED_PARAMS[leaf]
-    for j, part in enumerate(parts):
-      out[f"{prefix}.{part}" if prefix else part] = np.take(np.asarray(value), j, axis=axis)
+    fused, value = FUSED_PARAMS[leaf], np.asarray(value)
+    squeezed = tuple(part != fused.wide for part in fused.parts)
+    pieces = _split_fused(value, fused.axis, _fused_widths(tuple(name.split(".")), value.shape), squeezed)
+    for part, piece, sq in zip(fused.parts, pieces, squeezed):
+      if not sq:
+        a = fused.axis
+        piece = piece.reshape(piece.shape[:a - 1] + (-1,) + piece.shape[a + 1:])
+      out[f"{prefix}.{part}" if prefix else part] = piece
   return out
 
 
 def fuse_flat(flat: dict) -> dict:
-  """The inverse of `unfuse_flat`: stacks HF-named parts into the model's fused names.
+  """The inverse of `unfuse_flat`: joins HF-named parts into the model's fused names.
   Raises KeyError when only some parts of a fused parameter are present."""
-  part_of = {part: (fused, j) for fused, (parts, _) in FUSED_PARAMS.items()
-             for j, part in enumerate(parts)}
+  part_of = {part: (fused, j) for fused, f in FUSED_PARAMS.items()
+             for j, part in enumerate(f.parts)}
   out, groups = {}, {}
   for name, value in flat.items():
     prefix, _, leaf = name.rpartition(".")
@@ -258,10 +314,19 @@ def fuse_flat(flat: dict) -> dict:
     fused, j = part_of[leaf]
     groups.setdefault((prefix, fused), {})[j] = value
   for (prefix, fused), got in groups.items():
-    parts, axis = FUSED_PARAMS[fused]
+    f = FUSED_PARAMS[fused]
     name = f"{prefix}.{fused}" if prefix else fused
-    if len(got) != len(parts):
-      missing = [p for j, p in enumerate(parts) if j not in got]
+    if len(got) != len(f.parts):
+      missing = [p for j, p in enumerate(f.parts) if j not in got]
       raise KeyError(f"{name}: parts {missing} missing")
-    out[name] = np.stack([np.asarray(got[j]) for j in range(len(parts))], axis=axis)
+    pieces = []
+    for j, part in enumerate(f.parts):
+      piece = np.asarray(got[j])
+      if part == f.wide:  # [.., heads, ..] -> [.., kv_heads, group, ..], kv_heads from K
+        narrow = np.shape(got[(j + 1) % len(f.parts)])
+        piece = piece.reshape(narrow[:f.axis] + (-1,) + narrow[f.axis:])
+      else:
+        piece = np.expand_dims(piece, f.axis)
+      pieces.append(piece)
+    out[name] = np.concatenate(pieces, axis=f.axis)
   return out

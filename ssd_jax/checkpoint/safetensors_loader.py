@@ -169,23 +169,26 @@ def _hf_sharding(layout, sharding):
   return None if hf_spec is None else NamedSharding(sharding.mesh, P(*hf_spec))
 
 
-def _part_sharding(layout, sharding):
-  """The sharding of each HF part of a stacked parameter: ours without the stack axis."""
+def _part_sharding(layout, sharding, j):
+  """The sharding of HF part j of a fused parameter, given ours."""
   if layout.stack_axis is None or not isinstance(sharding, NamedSharding):
     return sharding
-  return NamedSharding(sharding.mesh, P(*layout.part_spec(tuple(sharding.spec))))
+  return NamedSharding(sharding.mesh, P(*layout.part_spec(tuple(sharding.spec), j)))
 
 
 @functools.lru_cache(maxsize=None)
-def _to_ours(parts: tuple, stack_axis, dtype, sharding):
+def _to_ours(parts: tuple, stack_axis, squeezed, dtype, sharding):
   """On-device HF -> our layout: each part (split, perm) reshaped per head, transposed,
-  cast, and the parts stacked on `stack_axis` when there are several. No data moves
+  cast, and the parts joined on `stack_axis` when there are several. No data moves
   between devices: every input is sharded by `_hf_sharding`, and the stacking axis of
   the output is not sharded."""
   def convert(*raws):
     outs = [jnp.transpose(x.reshape(split), perm).astype(dtype)
             for x, (split, perm) in zip(raws, parts)]
-    return outs[0] if stack_axis is None else jnp.stack(outs, axis=stack_axis)
+    if stack_axis is None:
+      return outs[0]
+    return jnp.concatenate([jnp.expand_dims(o, stack_axis) if sq else o
+                            for o, sq in zip(outs, squeezed)], axis=stack_axis)
   return jax.jit(convert, out_shardings=sharding)
 
 
@@ -229,8 +232,9 @@ def read_model(model_dir: str, cfg: ModelConfig, *, dtype, mesh=None,
   def host_block(layout, index):
     """Our block `index` of a parameter, read from the file(s) and converted by numpy."""
     if layout.stack_axis is not None:
-      parts, rest = layout.part_index(index)
-      return np.stack([host_block(p, rest) for p in parts], axis=layout.stack_axis)
+      covered = layout.part_index(index)
+      return layout.join([host_block(layout.parts[j], rest) for j, rest in covered],
+                         [j for j, _ in covered])
     hf_sl, post = layout.hf_slices(index)
     arr = layout.read_block(files.slice_of(layout.hf_name)[hf_sl], post)
     return np.ascontiguousarray(arr, dtype=target)
@@ -238,14 +242,14 @@ def read_model(model_dir: str, cfg: ModelConfig, *, dtype, mesh=None,
   def make(_, layout, var):
     sharding = param_sharding(mesh, var, layout.shape)
     if on_device:
-      part_sharding = _part_sharding(layout, sharding)
-      raws = [raw_part(part, part_sharding) for part in layout.parts]
+      raws = [raw_part(part, _part_sharding(layout, sharding, j))
+              for j, part in enumerate(layout.parts)]
       if all(r is not None for r in raws):
         if (layout.stack_axis is None and layout.is_identity
             and raws[0].dtype == target):
           return raws[0]
         return _to_ours(tuple((p.split, p.perm) for p in layout.parts), layout.stack_axis,
-                        target, sharding)(*raws)
+                        layout.squeezed, target, sharding)(*raws)
     return jax.make_array_from_callback(layout.shape, sharding,
                                         lambda index: host_block(layout, index))
 

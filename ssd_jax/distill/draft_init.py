@@ -107,7 +107,7 @@ def int8_round_trip(flat: dict) -> dict:
   """The float32 weights that int8 storage gives back (vectors and embeddings unchanged).
 
   A fused parameter is stored as its parts, each quantized on its own (block boundaries
-  follow the parts), so it is split, round-tripped part by part and stacked again."""
+  follow the parts), so it is split, round-tripped part by part and joined again."""
   import numpy as np
   out = {}
   for k, v in flat.items():
@@ -139,7 +139,7 @@ def write_draft_layers(flat: dict, cfg: ModelConfig, out_dir: str, *, shard_mb: 
   if storage not in ("bfloat16", "int8"):
     raise ValueError(f"draft layer storage {storage!r}: use bfloat16 or int8")
   os.makedirs(out_dir, exist_ok=True)
-  # Fused parameters are stored as their HF-named parts (k_proj, v_proj, gate_proj, up_proj).
+  # Fused parameters are stored as their HF-named parts (q/k/v_proj, gate_proj, up_proj).
   flat = unfuse_flat({k: np.asarray(v) for k, v in flat.items() if k != "embed_tokens"})
   shapes = {k: list(np.shape(v)) for k, v in flat.items()}
   if storage == "int8":

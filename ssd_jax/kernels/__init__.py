@@ -52,13 +52,13 @@ def paged_attention(q, k_pages, v_pages, page_table, kv_limit, *, scale, impl="x
       q, k_pages, v_pages, page_table, kv_limit, scale=scale, mesh=_MESH.get())
 
 
-def rope_write_kv(q, kv, positions, inv_freq, k_pages, v_pages, slot_mapping, *,
+def rope_write_kv(qkv, positions, inv_freq, k_pages, v_pages, slot_mapping, *,
                   impl="xla"):
   """(rotated q, k_pages, v_pages) with the rotated k and v written: see
   `reference.rope_write_kv`."""
   if resolve_impl(impl) == "xla":
-    return reference.rope_write_kv(q, kv, positions, inv_freq, k_pages, v_pages,
+    return reference.rope_write_kv(qkv, positions, inv_freq, k_pages, v_pages,
                                    slot_mapping)
   from ssd_jax.kernels import pallas_layer  # pylint: disable=import-outside-toplevel
-  return pallas_layer.sharded_rope_write_kv(q, kv, positions, inv_freq, k_pages, v_pages,
+  return pallas_layer.sharded_rope_write_kv(qkv, positions, inv_freq, k_pages, v_pages,
                                             slot_mapping, mesh=_MESH.get())

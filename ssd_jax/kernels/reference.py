@@ -168,10 +168,15 @@ def write_kv(k_pages, v_pages, k, v, slot_mapping):
   return k_pages, v_pages
 
 
-def rope_write_kv(q, kv, positions, inv_freq, k_pages, v_pages, slot_mapping):
-  """RoPE on q [B, Q, Hq, D] and on k at positions [B, Q], and the rotated k and v
-  written into the pools at slot_mapping [B, Q] (-1 writes nothing); kv [B, Q, 2, Hkv, D]
-  holds k at index 0 and v at 1. Returns (rotated q, k_pages, v_pages)."""
-  k_pages, v_pages = write_kv(k_pages, v_pages, apply_rope(kv[:, :, 0], positions, inv_freq),
-                              kv[:, :, 1], slot_mapping)
+def rope_write_kv(qkv, positions, inv_freq, k_pages, v_pages, slot_mapping):
+  """RoPE on q and k at positions [B, Q], and the rotated k and v written into the pools at
+  slot_mapping [B, Q] (-1 writes nothing). qkv [B, Q, Hkv, G + 2, D] holds, per KV head,
+  its G query heads, then its k, then its v (the fused projection's layout). Returns
+  (rotated q [B, Q, Hkv * G, D], k_pages, v_pages)."""
+  b, nq, hkv, g2, d = qkv.shape
+  g = g2 - 2
+  k_pages, v_pages = write_kv(k_pages, v_pages, apply_rope(qkv[:, :, :, g], positions,
+                                                           inv_freq),
+                              qkv[:, :, :, g + 1], slot_mapping)
+  q = qkv[:, :, :, :g].reshape(b, nq, hkv * g, d)
   return apply_rope(q, positions, inv_freq), k_pages, v_pages

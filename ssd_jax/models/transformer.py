@@ -9,7 +9,7 @@ verification, and SSD tree decode (M branch queries that also attend to their ow
 KV). The caller describes the step with `AttentionInputs`; the model writes the new tokens'
 K/V into the pages given by `slot_mapping` and attends to what `kv_limit` allows.
 
-The K/V projections and the gate/up projections are stored stacked (`FUSED_PARAMS`): one
+The Q/K/V projections and the gate/up projections are stored fused (`FUSED_PARAMS`): one
 GEMM each per layer; checkpoints keep HuggingFace's separate tensors.
 """
 
@@ -84,17 +84,33 @@ def init_tree_scratch(cfg: ModelConfig, batch: int, branches: int, steps: int,
                      step=jnp.zeros((), jnp.int32))
 
 
-# Parameters that hold several HuggingFace tensors stacked along one axis, so that one
-# GEMM computes what HF does with two (at batch 1 a decode step is a chain of small
-# kernels, and every kernel launch costs a few microseconds): name -> (the names of the
-# stacked tensors, in stacking order, and the stacking axis of our array). The stacking
-# axis carries the logical name "stack", which is never sharded, so tensor parallelism
-# still splits the heads / the MLP hidden dimension exactly as for separate tensors.
-# Checkpoints keep HF's separate tensors: checkpoint/layout.py splits and stacks them.
-FUSED_PARAMS: dict[str, tuple[tuple[str, ...], int]] = {
-    "kv_proj": (("k_proj", "v_proj"), 1),             # [embed, 2, kv_heads, head_dim]
-    "kv_bias": (("k_bias", "v_bias"), 0),             # [2, kv_heads, head_dim]
-    "gate_up_proj": (("gate_proj", "up_proj"), 1),    # [embed, 2, mlp]
+@dataclasses.dataclass(frozen=True)
+class Fused:
+  """A parameter that holds several HuggingFace tensors side by side along `axis`.
+
+  Each part takes one slot of the axis and its own layout lacks that axis (K in the
+  [group + 2] axis of `qkv_proj`, gate in the [2] axis of `gate_up_proj`), except `wide`,
+  which fills the rest of the axis and keeps it: the query heads of each KV group, so
+  that merging the axis into the one before it (kv_heads x group = heads, HF's GQA
+  order) gives back q_proj's own head axis.
+  """
+  parts: tuple[str, ...]
+  axis: int
+  wide: str | None = None
+
+
+# Parameters that fuse HuggingFace tensors, so that one GEMM computes what HF does with
+# two or three (at batch 1 a decode step is a chain of small kernels, each costing a few
+# microseconds whatever its bytes). The fused axis carries the logical name "stack",
+# which is never sharded: Q/K/V are grouped by KV head ([embed, kv_heads, group + 2,
+# head_dim]: each KV head's `group` query heads, then its K, then its V), so tensor
+# parallelism over KV heads gives every shard its own query heads with their K and V, as
+# for separate tensors. Checkpoints keep HF's separate tensors: checkpoint/layout.py
+# splits and joins them.
+FUSED_PARAMS: dict[str, Fused] = {
+    "qkv_proj": Fused(("q_proj", "k_proj", "v_proj"), 2, wide="q_proj"),
+    "qkv_bias": Fused(("q_bias", "k_bias", "v_bias"), 1, wide="q_bias"),
+    "gate_up_proj": Fused(("gate_proj", "up_proj"), 1),   # [embed, 2, mlp]
 }
 
 
@@ -114,16 +130,14 @@ class RMSNorm(nnx.Module):
 class Attention(nnx.Module):
   def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, attention_impl: str):
     e, h, kv, d = cfg.hidden_size, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim
-    self.q_proj = _param(rngs, (e, h, d), ("embed", "heads", "head_dim"), dtype)
-    # K and V stacked: one GEMM for both (see FUSED_PARAMS). Q stays separate: it has
-    # more heads than K/V (GQA), and a stack over heads would mix them under TP.
-    self.kv_proj = _param(rngs, (e, 2, kv, d), ("embed", "stack", "kv_heads", "head_dim"),
-                          dtype)
+    g = h // kv
+    # Q, K and V in one GEMM, grouped by KV head (see FUSED_PARAMS).
+    self.qkv_proj = _param(rngs, (e, kv, g + 2, d),
+                           ("embed", "kv_heads", "stack", "head_dim"), dtype)
     self.o_proj = _param(rngs, (h, d, e), ("heads", "head_dim", "embed"), dtype)
     if cfg.attention_bias:
-      self.q_bias = nnx.Param(jnp.zeros((h, d), dtype), axes=("heads", "head_dim"))
-      self.kv_bias = nnx.Param(jnp.zeros((2, kv, d), dtype),
-                               axes=("stack", "kv_heads", "head_dim"))
+      self.qkv_bias = nnx.Param(jnp.zeros((kv, g + 2, d), dtype),
+                                axes=("kv_heads", "stack", "head_dim"))
       self.o_bias = nnx.Param(jnp.zeros((e,), dtype), axes=("embed",))
     if cfg.qk_norm:
       self.q_norm = RMSNorm(d, cfg.rms_norm_eps, dtype, axes=("head_dim",))
@@ -134,26 +148,26 @@ class Attention(nnx.Module):
   def __call__(self, x, positions, k_pages, v_pages, attn: AttentionInputs,
                scratch_kv=None, scratch_step=None):
     cfg = self.cfg
-    q = jnp.einsum("bse,ehd->bshd", x, self.q_proj[...])
+    qkv = jnp.einsum("bse,ekgd->bskgd", x, self.qkv_proj[...])
     if cfg.attention_bias:
-      q = q + self.q_bias[...]
-    kv = jnp.einsum("bse,ethd->bsthd", x, self.kv_proj[...])
-    if cfg.attention_bias:
-      kv = kv + self.kv_bias[...]
+      qkv = qkv + self.qkv_bias[...]
+    b, s_len, g = x.shape[0], x.shape[1], qkv.shape[3] - 2  # g: query heads per KV head
     if cfg.qk_norm:
-      q = self.q_norm(q)
-      kv = jnp.stack([self.k_norm(kv[:, :, 0]), kv[:, :, 1]], axis=2)
+      qkv = jnp.concatenate([self.q_norm(qkv[:, :, :, :g]),
+                             self.k_norm(qkv[:, :, :, g:g + 1]), qkv[:, :, :, g + 1:]],
+                            axis=3)
     # Computed at trace time from the config (a constant in the compiled program).
     inv_freq = rope_frequencies(cfg.head_dim, cfg.rope_theta, cfg.rope_scaling_dict)
     if attn.slot_mapping is not None and scratch_kv is None:
       # The rotations and both page writes in one kernel where the impl allows; it reads
-      # K and V from the stacked projection output as it is (no slices to copy first).
-      q, k_pages, v_pages = kernels.rope_write_kv(q, kv, positions, inv_freq, k_pages,
+      # Q, K and V from the projection's output as it is (no slices to copy first).
+      q, k_pages, v_pages = kernels.rope_write_kv(qkv, positions, inv_freq, k_pages,
                                                   v_pages, attn.slot_mapping,
                                                   impl=self.attention_impl)
     else:
+      q = qkv[:, :, :, :g].reshape(b, s_len, cfg.num_heads, cfg.head_dim)
       q = kernels.apply_rope(q, positions, inv_freq)
-      k, v = kernels.apply_rope(kv[:, :, 0], positions, inv_freq), kv[:, :, 1]
+      k, v = kernels.apply_rope(qkv[:, :, :, g], positions, inv_freq), qkv[:, :, :, g + 1]
       if attn.slot_mapping is not None:
         k_pages, v_pages = kernels.write_kv(k_pages, v_pages, k, v, attn.slot_mapping)
     scale = cfg.head_dim ** -0.5
@@ -170,7 +184,6 @@ class Attention(nnx.Module):
     # o_proj weight into a temporary on every step; flattened (a free reshape of both
     # row-major operands) it reads the weight in place, and only the small activation
     # may be relaid.
-    b, s_len = out.shape[:2]
     o_proj = self.o_proj[...]
     y = jnp.einsum("bsf,fe->bse", out.reshape(b, s_len, -1),
                    o_proj.reshape(-1, o_proj.shape[-1]))
@@ -213,7 +226,7 @@ class Transformer(nnx.Module):
   """Llama-3 / Qwen3 causal LM over a paged KV cache.
 
   Parameter names follow HuggingFace's (`layers[i].self_attn.q_proj`, ...) so that a
-  checkpoint maps onto the model by name, except the stacked pairs of `FUSED_PARAMS`;
+  checkpoint maps onto the model by name, except the fused parameters of `FUSED_PARAMS`;
   shapes are split per head for sharding.
   """
 

@@ -21,8 +21,8 @@ LOGICAL_RULES: dict[str, str | None] = {
     "kv_heads": TP,
     "head_dim": None,
     "mlp": TP,
-    # The axis that stacks fused parameters (k/v, gate/up; models/transformer.py
-    # FUSED_PARAMS). Never sharded: each shard must hold every stacked part of its own
+    # The axis that joins fused parameters (q/k/v, gate/up; models/transformer.py
+    # FUSED_PARAMS). Never sharded: each shard must hold every part of its own
     # heads / MLP columns.
     "stack": None,
     "pages": None,
