@@ -83,3 +83,23 @@ def test_kernel_timeline_summarizes_the_gpu_stream_lane():
   assert kernel_class("sm90_xmma_gemm_bf16") == "gemm"
   with pytest.raises(ValueError, match="no GPU stream lanes"):
     summarize({"traceEvents": meta[1:2]}, calls=1)
+
+
+def test_graph_updates_reads_xla_command_buffer_log():
+  """bench/probes/graph_updates.py counts executions and re-recordings in XLA's log
+  (lines as jax 0.11.2's XLA writes them)."""
+  from bench.probes import graph_updates
+  log = [
+      "I1203 command_buffer_thunk.cc:371] [0] Execute command buffer; num_executions=1",
+      "I1203 command_buffer_thunk.cc:336] [0] Create/Update command buffer by recoding "
+      "command buffer cmd sequence after 1 executions since last update; num_commands=33; "
+      "updated_allocs=9; is_first_record=false; needs_update=true",
+      "I1203 command_buffer_thunk.cc:362] [0] Updated command buffer in 175 μs; "
+      "num_commands=33",
+      "I1203 command_buffer_thunk.cc:371] [0] Execute command buffer; num_executions=1",
+      "an unrelated line",
+  ]
+  res = graph_updates.summarise(log)
+  assert res["executions"] == 2 and res["updates"] == 1
+  assert res["by_size"] == [{"num_commands": 33, "updates": 1, "updated_allocs_median": 9,
+                             "update_us_median": 175, "update_us_total": 175}]

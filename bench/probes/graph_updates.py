@@ -23,9 +23,10 @@ import re
 import statistics
 import sys
 
+# XLA's wording (jax 0.11.2; older releases said "Update command buffer on device").
 _UPDATE = re.compile(r"Update command buffer .*?num_commands=(\d+); updated_allocs=(\d+)")
 _UPDATED = re.compile(r"Updated command buffer in (\d+) .s; num_commands=(\d+)")
-_EXECUTE = re.compile(r"Execute command buffer on device")
+_EXECUTE = re.compile(r"Execute command buffer[; ]")
 
 
 def summarise(lines) -> dict:
