@@ -13,8 +13,9 @@ one sequence:
 
 The read ceiling and the copy figure beside it are bench/roofline.py's (calls queued back
 to back); the copy figure is labelled and never used as the floor.
-Variants are `rows<R>_steps<S>`: steps of fewer than R tokens padded to R rows
-(LLM(min_step_rows=R)) and S decode steps per AR round (LLM(ar_steps=S)).
+Variants are `rows<R>_steps<S>[_cb<MODE>]`: steps of fewer than R tokens padded to R rows
+(LLM(min_step_rows=R)), S decode steps per AR round (LLM(ar_steps=S)) and, with `_cb`,
+XLA's command buffers (CUDA graphs) in MODE (LLM(command_buffers=MODE): off, max).
 
   PYTHONPATH=$PWD python bench/probes/fixed_cost.py --models llama-3.1-8b,llama-3.2-1b,smollm2-135m \
       --batches 1,8 --variants rows1_steps1,rows8_steps1,rows8_steps4 --output_json out.json
@@ -35,7 +36,8 @@ flags.DEFINE_list("models", ["llama-3.1-8b", "llama-3.2-1b", "smollm2-135m"],
                   "REAL_SHAPES names.")
 flags.DEFINE_list("batches", ["1", "8"], "Batch sizes.")
 flags.DEFINE_list("variants", ["rows1_steps1", "rows8_steps1", "rows8_steps4"],
-                  "rows<R>_steps<S>: pad steps to R rows, S AR steps per round.")
+                  "rows<R>_steps<S>[_cb<MODE>]: pad steps to R rows, S AR steps per "
+                  "round, XLA command buffers in MODE.")
 flags.DEFINE_integer("prompt_len", 128, "Prompt tokens.")
 flags.DEFINE_integer("new_tokens", 128, "Generated tokens per sequence.")
 flags.DEFINE_integer("repeats", 2, "Timed generate calls per point (the best is kept).")
@@ -61,8 +63,12 @@ def step_bytes(cfg, batch: int, context: float, itemsize: int) -> float:
 
 def run_point(model, cfg, batch: int, variant: str) -> dict:
   from ssd_jax import LLM, SamplingParams
-  rows, steps = map(int, re.fullmatch(r"rows(\d+)_steps(\d+)", variant).groups())
+  m = re.fullmatch(r"rows(\d+)_steps(\d+)(?:_cb(\w+))?", variant)
+  if m is None:
+    raise ValueError(f"variant {variant!r} is not rows<R>_steps<S>[_cb<MODE>]")
+  rows, steps, command_buffers = int(m.group(1)), int(m.group(2)), m.group(3)
   llm = LLM(model, method="ar", max_batch_size=batch, min_step_rows=rows, ar_steps=steps,
+            command_buffers=command_buffers,
             max_model_len=FLAGS.prompt_len + FLAGS.new_tokens + 64, page_size=64,
             attention_impl=FLAGS.attention)
   rng = np.random.default_rng(0)
@@ -120,7 +126,7 @@ def main(argv):
           continue
         row.update(model=name, floor_ms=floor_ms, ratio=floor_ms / row["ms"])
         rows.append(row)
-        print(f"{name:14s} b={b:<2d} {variant:14s} {row['ms']:7.3f} ms/step  host "
+        print(f"{name:14s} b={b:<2d} {variant:18s} {row['ms']:7.3f} ms/step  host "
               f"{row['host_ms']:6.3f}  floor {floor_ms:6.3f}  ratio {row['ratio']:.2f}  "
               f"compilations after warm-up {row['compilations_after_warmup']}", flush=True)
         if FLAGS.output_json:
