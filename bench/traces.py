@@ -25,8 +25,12 @@ the same engine), plus
 every SD/SSD output is compared token for token with AR's for the same prompts and batch
 size; a mismatch is printed, listed and makes the exit code 1 (in bfloat16 near-ties can
 flip; float32 is the exactness setting). Timed figures (decode tok/s, round ms) are
-recorded too, after one untimed warm-up generate per (dataset, temperature), so that a GPU
-run of the grid doubles as the real pair's end-to-end measurement.
+recorded too, after an untimed warm-up per (dataset, temperature, batch size), so that a
+GPU run of the grid doubles as the real pair's end-to-end measurement: `--warm=waves` (the
+default) runs every timed wave once untimed first, so the timed run meets only compiled
+shapes (its `compilations` says so); `first` warms with the first wave alone (half the
+time; later waves may still compile: page-table widths and prompt buckets differ);
+`none` times the first run (for traces whose timing is not used).
 """
 
 from __future__ import annotations
@@ -155,12 +159,17 @@ def grid(methods, ks, fs, fanouts, fallbacks, batches) -> list[dict]:
   return out
 
 
+WARM_MODES = ("none", "first", "waves")
+
+
 def run_config(c: dict, workloads, temperatures, output_len: int, make_llm, ar_tokens: dict,
-               warm: bool = True, log=print) -> dict:
+               warm: str = "waves", log=print) -> dict:
   """One engine configuration over every workload, temperature and batch size: traces,
   summaries, the engine's own metrics, and (T=0) the exactness check against ar_tokens
   (keyed by dataset and batch: the same prompts in the same waves)."""
   from ssd_jax import SamplingParams
+  if warm not in WARM_MODES:
+    raise ValueError(f"warm={warm!r}: use one of {', '.join(WARM_MODES)}")
   t0 = time.perf_counter()
   llm = make_llm(c)
   res = {"config": c, "load_s": time.perf_counter() - t0, "datasets": {}, "mismatches": []}
@@ -172,8 +181,14 @@ def run_config(c: dict, workloads, temperatures, output_len: int, make_llm, ar_t
       for b in c["batches"]:
         params = SamplingParams(max_new_tokens=output_len, temperature=temp, seed=0,
                                 ignore_eos=True)
-        if warm:  # compile this batch bucket and sampling mode before the timed run
-          llm.generate(w.prompts[:b], params, chat_template=w.chat)
+        # Compile what the timed run will meet: its every wave, or only the first. Both
+        # start from an empty prefix cache, so that the warm-up prefills what the timed run
+        # will (earlier runs' cached prefixes would shorten its prefills to other shapes).
+        warm_prompts = {"waves": len(w.prompts), "first": b, "none": 0}[warm]
+        for i in range(0, min(warm_prompts, len(w.prompts)), b):
+          if i == 0 and hasattr(llm, "reset_prefix_cache"):
+            llm.reset_prefix_cache()
+          llm.generate(w.prompts[i:i + b], params, chat_template=w.chat)
         if hasattr(llm, "reset_prefix_cache"):
           llm.reset_prefix_cache()
         rec = TraceRecorder()
@@ -305,7 +320,8 @@ def define_flags():
   flags.DEFINE_integer("draft_devices", 0, "SSD's draft mesh (0: the target's device).")
   flags.DEFINE_string("model", None, "Target checkpoint (default: the embedded SmolLM2).")
   flags.DEFINE_string("draft", None, "Draft checkpoint (default: the bundled draft).")
-  flags.DEFINE_bool("warm", True, "One untimed generate per (set, temperature) first.")
+  flags.DEFINE_enum("warm", "waves", list(WARM_MODES),
+                    "Untimed warm-up before each timed run: every wave, the first, none.")
   flags.DEFINE_integer("max_configs", 0, "Run only the first N configs (0: all).")
   flags.DEFINE_float("budget_s", 0, "Start no config after this many seconds (0: none).")
   flags.DEFINE_string("output_dir", "/tmp/ssd_jax_traces", "Where the JSON goes.")

@@ -65,16 +65,16 @@ def test_run_config_checks_exactness():
   make = lambda c: _llm("sd")
   ar_tokens = {}
   r_ar = traces.run_config({"method": "ar", "batches": [2]}, [w], [0.0], 12, make, ar_tokens,
-                           warm=False, log=lambda *_: None)
+                           warm="none", log=lambda *_: None)
   assert ("ids", 2) in ar_tokens and not r_ar["mismatches"]
   timing = r_ar["datasets"]["ids"]["0.0"]["2"]["timing"]
   assert timing["batch_rounds"] > 0 and timing["decode_tokens_per_s"] > 0
   r_sd = traces.run_config({"method": "sd", "k": 3, "batches": [2]}, [w], [0.0], 12, make,
-                           ar_tokens, warm=False, log=lambda *_: None)
+                           ar_tokens, warm="none", log=lambda *_: None)
   assert r_sd["datasets"]["ids"]["0.0"]["2"]["exact_vs_ar"] is True
   ar_tokens[("ids", 2)][0] = [t + 1 for t in ar_tokens[("ids", 2)][0]]  # a corrupted reference
   r_bad = traces.run_config({"method": "sd", "k": 3, "batches": [2]}, [w], [0.0], 12, make,
-                            ar_tokens, warm=False, log=lambda *_: None)
+                            ar_tokens, warm="none", log=lambda *_: None)
   assert r_bad["mismatches"][0]["prompt"] == 0 and r_bad["mismatches"][0]["first_diff"] == 0
 
 
@@ -83,3 +83,15 @@ def test_grid_and_names():
   names = [traces.config_name(c) for c in g]
   assert names == ["ar", "sd_k3", "ssd_k3_f1_jit", "ssd_k3_fan2-1-1-0_jit"]
   assert all(c["batches"] == [1, 4] for c in g)
+
+
+def test_warm_waves_leaves_nothing_to_compile():
+  """--warm=waves runs every timed wave once untimed first: the timed run compiles
+  nothing (prompts of several lengths, one per wave, so the waves' shapes differ)."""
+  w = Workload("ids", PROMPTS, False, {})
+  r = traces.run_config({"method": "sd", "k": 3, "batches": [1]}, [w], [0.0], 12,
+                        lambda c: _llm("sd"), {}, warm="waves", log=lambda *_: None)
+  assert r["datasets"]["ids"]["0.0"]["1"]["timing"]["compilations"] == 0
+  with pytest.raises(ValueError, match="warm="):
+    traces.run_config({"method": "sd", "k": 3, "batches": [1]}, [w], [0.0], 12,
+                      lambda c: _llm("sd"), {}, warm="yes", log=lambda *_: None)

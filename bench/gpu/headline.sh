@@ -107,7 +107,7 @@ prepare)
   say "float32 exactness (SD/SSD == AR token for token)"
   timeout "${EXACT_S:-80}" $PY bench/traces.py --model="$S/target" --draft="$S/draft" \
     --dtype=float32 --datasets=alpaca_like --numseqs=4 --output_len=48 --k=7 --f=3 \
-    --fallbacks=jit,fast --batch_size=4 --temperatures=0 --nowarm \
+    --fallbacks=jit,fast --batch_size=4 --temperatures=0 --warm=none \
     --output_dir="$OUT/traces_f32" 2>&1 | quiet | tee -a "$OUT/traces.log"
   # the files come back at most 2 folders down: one tarball per traces dir keeps them few
   for d in traces_t0 traces_t07 traces_f32; do
