@@ -61,8 +61,8 @@ def main(argv) -> int:
   for row in res["by_size"][:12]:
     print(f"  {row['num_commands']:5d} commands: {row['updates']:5d} updates, "
           f"median {row['updated_allocs_median']} allocations moved, "
-          f"median {row['update_us_median']} us each, {row['update_us_total'] / 1e3:.1f} ms "
-          "in all")
+          f"median {row['update_us_median']} us each, "
+          f"{row['update_us_total'] / 1e3:.1f} ms in all")
   if "--output_json" in argv:
     with open(argv[argv.index("--output_json") + 1], "w") as f:
       json.dump(res, f, indent=1)

@@ -3,9 +3,9 @@
 A draft with frozen embeddings shares them with its target, so the package keeps only the
 other weights (safetensors under ssd_jax/drafts/, in the engine's own names and shapes,
 except that fused parameters are stored as their separate HF-named parts: q_proj, k_proj
-and v_proj, not qkv_proj) plus a json with the config. `ensure_default_draft` joins them with the
-target's embedding into a full HuggingFace dir in the cache on first use. The writing side
-(training, int8 packing) is ssd_jax.distill's.
+and v_proj, not qkv_proj) plus a json with the config. `ensure_default_draft` joins them
+with the target's embedding into a full HuggingFace dir in the cache on first use. The
+writing side (training, int8 packing) is ssd_jax.distill's.
 """
 
 from __future__ import annotations

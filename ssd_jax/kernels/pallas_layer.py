@@ -4,7 +4,7 @@ needs three (a concatenate fusion for the rotations and a scatter for each pool)
 
 At batch 1 an 8B decode step's GEMMs read weights at ~0.9 of the read ceiling, and most of
 the rest of the step is small fusions of ~2 us each, eight per layer (bench/RESULTS.md,
-"Where the 8B step's time goes"): what they cost is their launches, not their bytes.
+"Where a step's device time goes"): what they cost is their launches, not their bytes.
 
 Contract: `reference.rope_write_kv`. On GPU it lowers through Pallas' Triton backend;
 elsewhere it runs in interpret mode (slow, for tests). Triton needs power-of-two vectors:
