@@ -48,12 +48,12 @@ def _exact_joint(model, params):
   return p1[:, None] * p2
 
 
-def _samples(llm, params):
+def _samples(llm, params, seed_base=0):
   pairs = []
   for w in range(CALLS):  # every request with a seed of its own
     ps = [SamplingParams(temperature=params.temperature, top_k=params.top_k,
                          top_p=params.top_p, max_new_tokens=2, ignore_eos=True,
-                         seed=1000 * w + i) for i in range(BATCH)]
+                         seed=seed_base + 1000 * w + i) for i in range(BATCH)]
     for o in llm.generate([PROMPT] * BATCH, ps):
       pairs.append(tuple(o.token_ids[:2]))
   counts = np.zeros((VOCAB, VOCAB))
@@ -68,6 +68,17 @@ DRAFT = noisy_copy(TARGET, 0.8, seed=5)
 COMMON = dict(page_size=16, max_model_len=64, max_batch_size=BATCH)
 
 
+def _chi2_stat(counts, expected):
+  """(statistic, degrees of freedom) of counts against expected ones."""
+  mask = expected > 5  # pool rare cells (the usual validity rule for chi-square)
+  obs = np.append(counts[mask], counts[~mask].sum())
+  exp = np.append(expected[mask], expected[~mask].sum())
+  if exp[-1] == 0:
+    assert obs[-1] == 0, "a token with zero probability under AR was sampled"
+    obs, exp = obs[:-1], exp[:-1]
+  return float(np.sum((obs - exp) ** 2 / np.maximum(exp, 1e-12))), len(obs) - 1
+
+
 @pytest.mark.parametrize("method,extra", [
     ("ar", {}),
     ("sd", {"k": 3}),
@@ -79,16 +90,20 @@ COMMON = dict(page_size=16, max_model_len=64, max_batch_size=BATCH)
                                     SamplingParams(temperature=0.8, top_k=5, top_p=0.9)],
                          ids=["plain", "topk_topp"])
 def test_distribution_matches_ar(method, extra, params):
+  """Two-stage: a sample whose statistic lands past the p ~ 0.0005 quantile is drawn again
+  with other seeds, and the test fails only if that one does too. A sampler that is off
+  fails both; a correct one now fails in ~1 of 4 million runs instead of 1 in 2,000 per
+  case (the seeds are fixed, so a model whose fixed draw happens to sit in the tail would
+  otherwise fail for ever: the AR case's first draw did, at 101.9 against 100.2, df 58,
+  once the random test model's weights were redrawn; three other seed sets gave 60-66)."""
   draft = DRAFT if method != "ar" else None
   llm = LLM(TARGET, draft, method=method, **extra, **COMMON)
-  counts = _samples(llm, params)
-  expected = _exact_joint(TARGET, params) * counts.sum()
-  mask = expected > 5  # pool rare cells (the usual validity rule for chi-square)
-  obs = np.append(counts[mask], counts[~mask].sum())
-  exp = np.append(expected[mask], expected[~mask].sum())
-  if exp[-1] == 0:
-    assert obs[-1] == 0, "a token with zero probability under AR was sampled"
-    obs, exp = obs[:-1], exp[:-1]
-  stat = float(np.sum((obs - exp) ** 2 / np.maximum(exp, 1e-12)))
-  df = len(obs) - 1
-  assert stat < _chi2_critical(df), (method, extra, stat, df)
+  exact = _exact_joint(TARGET, params)
+  stats = []
+  for seed_base in (0, 10 ** 6):
+    counts = _samples(llm, params, seed_base)
+    stat, df = _chi2_stat(counts, exact * counts.sum())
+    stats.append(stat)
+    if stat < _chi2_critical(df):
+      break
+  assert stats[-1] < _chi2_critical(df), (method, extra, stats, df)
