@@ -103,3 +103,23 @@ def test_graph_updates_reads_xla_command_buffer_log():
   assert res["executions"] == 2 and res["updates"] == 1
   assert res["by_size"] == [{"num_commands": 33, "updates": 1, "updated_allocs_median": 9,
                              "update_us_median": 175, "update_us_total": 175}]
+
+
+def test_step_programs_build_the_engines_ar_round():
+  """step_programs.py's `target_ar_round` is the engine's AR round program: compiled alone
+  with its carry donated, one call writes one token per row and advances the state."""
+  sys.path.insert(0, os.path.dirname(__file__))
+  from engine_models import tiny_target
+  from bench.probes import step_programs
+  from ssd_jax.engine.runner import ModelRunner
+  from ssd_jax.sharding import MeshSpec, make_meshes
+  mesh, _ = make_meshes(MeshSpec.parse("1x1"), 0)
+  runner = ModelRunner(tiny_target(seed=0), mesh, num_pages=16, page_size=16, name="t")
+  build = lambda: step_programs.build_programs(
+      runner, None, batch=2, k=3, f=2, context=20, names=("target_ar_step", "target_ar_round"))
+  _, step, carry, inputs = build()["target_ar_round"]
+  kv, state = jax.jit(step, donate_argnums=(1,))(runner.params, carry, *inputs)
+  assert state.pos.tolist() == [21, 21] and state.generated.tolist() == [1, 1]
+  assert not bool(state.done.any())
+  res = step_programs.measure(build(), iters=2, latency_iters=1, log=lambda *_: None)
+  assert all("ms" in res[n]["default"] for n in ("target_ar_step", "target_ar_round"))

@@ -5,6 +5,9 @@ paged KV cache, then the greedy pick), compiled by itself so that its cost can b
 without the rest of a round around it:
 
   target_ar_step     the target, 1 new token per sequence (an AR step);
+  target_ar_round    the engine's own AR round program (decoding/ar.py, one step): the
+                     same step plus what a round adds (slots from the page table, stops,
+                     the decode state), with its state donated like the others' carry;
   target_verify      the target, K+1 new tokens (SD / SSD verification);
   draft_step         the draft, 1 new token (one SD drafting step, the jit fallback);
   draft_glue         the draft, K+1 new tokens (SSD's glue decode);
@@ -40,7 +43,8 @@ from ssd_jax.engine.runner import COMMAND_BUFFER_MODES, ModelRunner, slot_mappin
 from ssd_jax.models.transformer import AttentionInputs, TreeScratch, init_tree_scratch
 from ssd_jax.sharding.rules import TREE_SCRATCH_AXES, sharding_for
 
-PROGRAMS = ("target_ar_step", "target_verify", "draft_step", "draft_glue", "draft_tree_step")
+PROGRAMS = ("target_ar_step", "target_ar_round", "target_verify", "draft_step", "draft_glue",
+            "draft_tree_step")
 
 
 def _pages(batch: int, tokens: int, page_size: int):
@@ -66,6 +70,34 @@ def _decode_program(runner: ModelRunner, q: int):
     return kv, jnp.argmax(logits, axis=-1).astype(jnp.int32)
 
   return step
+
+
+def _ar_round_program(runner: ModelRunner):
+  """The engine's AR round (one greedy step), state in the carry, constants as inputs."""
+  from ssd_jax.decoding.ar import ARMethod
+  method = ARMethod(runner, tokenizer_decode=None, eos_ids=(), steps=1)
+
+  def step(params, carry, consts):
+    kv, state = carry
+    kv, state, _, _ = method.step_fn(params, kv, state, consts, greedy=True)
+    return kv, state
+
+  return step
+
+
+def _ar_round_carry(runner: ModelRunner, batch: int, context: int, page_table):
+  from ssd_jax.engine.sampling import SamplingArrays
+  from ssd_jax.engine.step import BatchConstants, DecodeState
+  put = runner.put
+  state = DecodeState(token=put(np.ones((batch,), np.int32)),
+                      pos=put(np.full((batch,), context, np.int32)),
+                      done=put(np.zeros((batch,), bool)),
+                      generated=put(np.zeros((batch,), np.int32)))
+  consts = BatchConstants(  # rows never stop: every call does a whole step
+      page_table=put(page_table), max_new=put(np.full((batch,), 2 ** 30, np.int32)),
+      eos_ids=put(np.full((1,), -1, np.int32)), ignore_eos=put(np.ones((batch,), bool)),
+      sampling=jax.tree.map(put, SamplingArrays.from_params([None] * batch, batch)))
+  return (_fresh_kv(runner), state), (consts,)
 
 
 def _tree_program(runner: ModelRunner):
@@ -110,6 +142,9 @@ def build_programs(target: ModelRunner | None, draft: ModelRunner | None, *, bat
         carry = (_fresh_kv(runner), put(np.zeros((batch, q), np.int32)))
         inputs = (put(np.ones((batch, q), np.int32)), ctx, table)
         out[name + suffix] = (runner, _decode_program(runner, q), carry, inputs)
+    if prefix == "target" and "target_ar_round" in names:
+      carry, inputs = _ar_round_carry(runner, batch, context, page_table)
+      out["target_ar_round" + suffix] = (runner, _ar_round_program(runner), carry, inputs)
     if prefix == "draft" and "draft_tree_step" in names:
       scratch = init_tree_scratch(runner.cfg, batch, m, k, runner.kv_dtype)
       sh = sharding_for(runner.mesh, TREE_SCRATCH_AXES)

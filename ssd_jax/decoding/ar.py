@@ -44,7 +44,7 @@ class ARMethod(DecodingMethod):
     self._first = target.jit(first_token_state, static_argnames=("greedy",))
     self._carry = target.jit(functools.partial(carry_rows, dead=retire_decode))
     self._place = target.jit(place_rows)
-    self._step = target.jit(self._step_fn, donate_argnums=(1,), static_argnames=("greedy",))
+    self._step = target.jit(self.step_fn, donate_argnums=(1,), static_argnames=("greedy",))
 
   def num_compilations(self) -> int:
     return self.target.num_compilations()
@@ -68,7 +68,9 @@ class ARMethod(DecodingMethod):
                                              greedy=state.greedy)
     return dataclasses.replace(state, decode=decode), emitted, count, {}
 
-  def _step_fn(self, params, kv, state: DecodeState, consts: BatchConstants, greedy: bool):
+  def step_fn(self, params, kv, state: DecodeState, consts: BatchConstants, greedy: bool):
+    """One round's program, unjitted (the engine jits it; bench/probes/step_programs.py
+    compiles it alone)."""
     if self.steps == 1:
       return self._one_step(params, kv, state, consts, greedy)
 
