@@ -51,6 +51,14 @@ TINY_KINDS = {
 }
 
 
+def kernel_jit(f):
+  """jax.jit; on CPU with a cheap XLA pipeline (interpret-mode kernels compile slowly)."""
+  if jax.default_backend() == "cpu":
+    return jax.jit(f, compiler_options={"xla_backend_optimization_level": 0,
+                                        "xla_llvm_disable_expensive_passes": True})
+  return jax.jit(f)
+
+
 def hf_config(kind: str):
   import transformers
   kw = dict(TINY_KINDS[kind])

@@ -20,6 +20,8 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as P
 
 from ssd_jax.kernels import pallas_attention, reference
 
+from helpers import kernel_jit as jit
+
 NEG_INF = reference.NEG_INF
 TOL = {"float32": 1e-5, "bfloat16": 2e-2}
 
@@ -28,14 +30,6 @@ def ref_attention(*args, scale):
   """The XLA reference in full float32 (on GPU, default precision would use TF32)."""
   with jax.default_matmul_precision("highest"):
     return jit(functools.partial(reference.paged_attention, scale=scale))(*args)
-
-
-def jit(f):
-  """jax.jit; on CPU with a cheap XLA pipeline (interpret-mode kernels compile slowly)."""
-  if jax.default_backend() == "cpu":
-    return jax.jit(f, compiler_options={"xla_backend_optimization_level": 0,
-                                        "xla_llvm_disable_expensive_passes": True})
-  return jax.jit(f)
 
 
 def make_inputs(seed, *, batch, nq, hq, hkv, d, page_size, pages_per_seq, mode, dtype,

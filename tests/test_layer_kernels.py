@@ -13,15 +13,9 @@ from ssd_jax import kernels
 from ssd_jax.kernels import pallas_layer, reference
 from ssd_jax.models.rope import rope_frequencies
 
+from helpers import kernel_jit as jit
+
 TOL = {"float32": 1e-5, "bfloat16": 1e-2}
-
-
-def jit(f):
-  """jax.jit; on CPU with a cheap XLA pipeline (interpret-mode kernels compile slowly)."""
-  if jax.default_backend() == "cpu":
-    return jax.jit(f, compiler_options={"xla_backend_optimization_level": 0,
-                                        "xla_llvm_disable_expensive_passes": True})
-  return jax.jit(f)
 
 
 def rope_inputs(seed, *, batch, nq, hq, hkv, d, page_size, num_pages, dtype):

@@ -87,11 +87,16 @@ def test_grid_and_names():
 
 def test_warm_waves_leaves_nothing_to_compile():
   """--warm=waves runs every timed wave once untimed first: the timed run compiles
-  nothing (prompts of several lengths, one per wave, so the waves' shapes differ)."""
+  nothing, where warming with the first wave alone leaves later waves compiling (prompts
+  of several lengths, one per wave, so the waves' shapes differ). Fresh engines: one that
+  compiled these shapes earlier would show 0 either way."""
   w = Workload("ids", PROMPTS, False, {})
-  r = traces.run_config({"method": "sd", "k": 3, "batches": [1]}, [w], [0.0], 12,
-                        lambda c: _llm("sd"), {}, warm="waves", log=lambda *_: None)
-  assert r["datasets"]["ids"]["0.0"]["1"]["timing"]["compilations"] == 0
+  c = {"method": "sd", "k": 3, "batches": [1]}
+  fresh = lambda c: LLM(TARGET, DRAFT, method="sd", k=3, **COMMON)
+  timed = lambda r: r["datasets"]["ids"]["0.0"]["1"]["timing"]["compilations"]
+  first = traces.run_config(c, [w], [0.0], 12, fresh, {}, warm="first", log=lambda *_: None)
+  assert timed(first) > 0
+  waves = traces.run_config(c, [w], [0.0], 12, fresh, {}, warm="waves", log=lambda *_: None)
+  assert timed(waves) == 0
   with pytest.raises(ValueError, match="warm="):
-    traces.run_config({"method": "sd", "k": 3, "batches": [1]}, [w], [0.0], 12,
-                      lambda c: _llm("sd"), {}, warm="yes", log=lambda *_: None)
+    traces.run_config(c, [w], [0.0], 12, fresh, {}, warm="yes", log=lambda *_: None)

@@ -291,7 +291,8 @@ def unfuse_flat(flat: dict) -> dict:
       continue
     fused, value = FUSED_PARAMS[leaf], np.asarray(value)
     squeezed = tuple(part != fused.wide for part in fused.parts)
-    pieces = _split_fused(value, fused.axis, _fused_widths(tuple(name.split(".")), value.shape), squeezed)
+    widths = _fused_widths(tuple(name.split(".")), value.shape)
+    pieces = _split_fused(value, fused.axis, widths, squeezed)
     for part, piece, sq in zip(fused.parts, pieces, squeezed):
       if not sq:
         a = fused.axis
