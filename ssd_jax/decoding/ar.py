@@ -26,7 +26,7 @@ from ssd_jax.engine.step import (BatchConstants, DecodeState, apply_stops, carry
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class ARWave:
-  """What an AR batch's steps read: the decode state (replaced every step) and the batch's
+  """What an AR batch's steps read: the decode state (donated to each round, which returns the next) and the batch's
   constants; `greedy` (every request at temperature 0) selects the argmax-only program."""
   decode: DecodeState
   consts: BatchConstants
@@ -44,7 +44,11 @@ class ARMethod(DecodingMethod):
     self._first = target.jit(first_token_state, static_argnames=("greedy",))
     self._carry = target.jit(functools.partial(carry_rows, dead=retire_decode))
     self._place = target.jit(place_rows)
-    self._step = target.jit(self.step_fn, donate_argnums=(1,), static_argnames=("greedy",))
+    # The decode state is donated with the KV pool, so the round's new state lives where
+    # the old one did. XLA's CUDA graph of the round records buffer addresses: a state that
+    # moved every round made it re-record every command that reads a token or a position
+    # (most of them) before each launch (bench/RESULTS.md, issue 13).
+    self._step = target.jit(self.step_fn, donate_argnums=(1, 2), static_argnames=("greedy",))
 
   def num_compilations(self) -> int:
     return self.target.num_compilations()

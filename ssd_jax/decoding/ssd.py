@@ -141,7 +141,8 @@ class SSDMethod(SpeculativeMethod):
     self._place_draft = draft.jit(place_rows)
     self._first_spec = draft.jit(self._first_spec_fn, donate_argnums=(1,),
                                  static_argnames=("want_q",))
-    self._verify = target.jit(self._verify_fn, donate_argnums=(1,),
+    # The decode state is donated with the KV pool (see ARMethod).
+    self._verify = target.jit(self._verify_fn, donate_argnums=(1, 2),
                               static_argnames=("greedy",))
     self._build = draft.jit(self._build_cache_fn, donate_argnums=(1,),
                             static_argnames=("want_q",))
