@@ -13,9 +13,11 @@ one sequence:
 
 The read ceiling and the copy figure beside it are bench/roofline.py's (calls queued back
 to back); the copy figure is labelled and never used as the floor.
-Variants are `rows<R>_steps<S>[_cb<MODE>]`: steps of fewer than R tokens padded to R rows
-(LLM(min_step_rows=R)), S decode steps per AR round (LLM(ar_steps=S)) and, with `_cb`,
-XLA's command buffers (CUDA graphs) in MODE (LLM(command_buffers=MODE): off, max).
+Variants are `rows<R>_steps<S>[_cb<MODE>][_pg<P>]`: steps of fewer than R tokens padded to
+R rows (LLM(min_step_rows=R)), S decode steps per AR round (LLM(ar_steps=S)), with `_cb`,
+XLA's command buffers (CUDA graphs) in MODE (LLM(command_buffers=MODE): off, max), and
+with `_pg`, KV pages of P tokens (default 64; at 256 a 128 + 128-token sequence never
+needs a new page while it decodes, so the batch's constants are never replaced).
 
   PYTHONPATH=$PWD python bench/probes/fixed_cost.py --models llama-3.1-8b,llama-3.2-1b,smollm2-135m \
       --batches 1,8 --variants rows1_steps1,rows8_steps1,rows8_steps4 --output_json out.json
@@ -63,13 +65,14 @@ def step_bytes(cfg, batch: int, context: float, itemsize: int) -> float:
 
 def run_point(model, cfg, batch: int, variant: str) -> dict:
   from ssd_jax import LLM, SamplingParams
-  m = re.fullmatch(r"rows(\d+)_steps(\d+)(?:_cb(\w+))?", variant)
+  m = re.fullmatch(r"rows(\d+)_steps(\d+)(?:_cb([a-z]+))?(?:_pg(\d+))?", variant)
   if m is None:
-    raise ValueError(f"variant {variant!r} is not rows<R>_steps<S>[_cb<MODE>]")
+    raise ValueError(f"variant {variant!r} is not rows<R>_steps<S>[_cb<MODE>][_pg<P>]")
   rows, steps, command_buffers = int(m.group(1)), int(m.group(2)), m.group(3)
+  page_size = int(m.group(4) or 64)
   llm = LLM(model, method="ar", max_batch_size=batch, min_step_rows=rows, ar_steps=steps,
             command_buffers=command_buffers,
-            max_model_len=FLAGS.prompt_len + FLAGS.new_tokens + 64, page_size=64,
+            max_model_len=FLAGS.prompt_len + FLAGS.new_tokens + 64, page_size=page_size,
             attention_impl=FLAGS.attention)
   rng = np.random.default_rng(0)
   prompts = [list(map(int, rng.integers(1, cfg.vocab_size, FLAGS.prompt_len)))
@@ -90,6 +93,8 @@ def run_point(model, cfg, batch: int, variant: str) -> dict:
   ms = 1e3 * batch / best["decode_tokens_per_s"]
   return {"model": None, "batch": batch, "variant": variant, "ms": ms,
           "round_ms": best["round_ms"], "host_ms": traced.get("host_round_ms", 0.0) / steps,
+          # between rounds: the batch's constants replaced (pages grew), per update
+          "host_update_ms": traced.get("host_update_ms", 0.0),
           "compilations_after_warmup": best["compilations"] + traced["compilations"]}
 
 
@@ -127,7 +132,7 @@ def main(argv):
         row.update(model=name, floor_ms=floor_ms, ratio=floor_ms / row["ms"])
         rows.append(row)
         print(f"{name:14s} b={b:<2d} {variant:18s} {row['ms']:7.3f} ms/step  host "
-              f"{row['host_ms']:6.3f}  floor {floor_ms:6.3f}  ratio {row['ratio']:.2f}  "
+              f"{row['host_ms']:6.3f}  update {row['host_update_ms']:6.2f}  floor {floor_ms:6.3f}  ratio {row['ratio']:.2f}  "
               f"compilations after warm-up {row['compilations_after_warmup']}", flush=True)
         if FLAGS.output_json:
           with open(FLAGS.output_json, "w") as f:
