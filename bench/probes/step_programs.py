@@ -73,15 +73,14 @@ def _decode_program(runner: ModelRunner, q: int):
 
 
 def _ar_round_program(runner: ModelRunner):
-  """The engine's AR round (one greedy step), state and outbox in the carry, constants as
-  inputs."""
+  """The engine's AR round (one greedy step), state in the carry, constants as inputs."""
   from ssd_jax.decoding.ar import ARMethod
   method = ARMethod(runner, tokenizer_decode=None, eos_ids=(), steps=1)
 
   def step(params, carry, consts):
-    kv, state, outbox = carry
-    kv, state, outbox = method.step_fn(params, kv, state, outbox, consts, greedy=True)
-    return kv, state, outbox
+    kv, state = carry
+    kv, state, _, _ = method.step_fn(params, kv, state, consts, greedy=True)
+    return kv, state
 
   return step
 
@@ -98,8 +97,7 @@ def _ar_round_carry(runner: ModelRunner, batch: int, context: int, page_table):
       page_table=put(page_table), max_new=put(np.full((batch,), 2 ** 30, np.int32)),
       eos_ids=put(np.full((1,), -1, np.int32)), ignore_eos=put(np.ones((batch,), bool)),
       sampling=jax.tree.map(put, SamplingArrays.from_params([None] * batch, batch)))
-  outbox = (put(np.zeros((batch, 1), np.int32)), put(np.zeros((batch,), np.int32)))
-  return (_fresh_kv(runner), state, outbox), (consts,)
+  return (_fresh_kv(runner), state), (consts,)
 
 
 def _tree_program(runner: ModelRunner):

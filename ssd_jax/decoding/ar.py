@@ -14,7 +14,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 from ssd_jax.engine.batch import Batch, RowPlan
 from ssd_jax.engine.loop import DecodingMethod
@@ -27,11 +26,9 @@ from ssd_jax.engine.step import (BatchConstants, DecodeState, apply_stops, carry
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class ARWave:
-  """What an AR batch's rounds read and write: the decode state and the outbox (each
-  donated to a round, which returns the next), and the batch's constants; `greedy` (every
-  request at temperature 0) selects the argmax-only program."""
+  """What an AR batch's steps read: the decode state (donated to each round, which returns the next) and the batch's
+  constants; `greedy` (every request at temperature 0) selects the argmax-only program."""
   decode: DecodeState
-  outbox: tuple  # (emitted int32 [B, steps], count int32 [B]) of the latest round
   consts: BatchConstants
   greedy: bool = dataclasses.field(metadata=dict(static=True))
 
@@ -47,15 +44,11 @@ class ARMethod(DecodingMethod):
     self._first = target.jit(first_token_state, static_argnames=("greedy",))
     self._carry = target.jit(functools.partial(carry_rows, dead=retire_decode))
     self._place = target.jit(place_rows)
-    # Every buffer a round writes is donated (KV pool, decode state, outbox), so that its
-    # outputs live where its inputs did: XLA records a program's CUDA graph with buffer
-    # addresses and, if any moved since the last launch, updates the graph on the host
-    # before launching it again, while the device waits (0.3 ms per 8B step:
-    # bench/RESULTS.md, issue 13). The host reads the round's tokens from a copy of the
-    # outbox made by a program too small for a graph.
-    self._step = target.jit(self.step_fn, donate_argnums=(1, 2, 3),
-                            static_argnames=("greedy",))
-    self._read = target.jit(lambda outbox: jax.tree.map(jnp.copy, outbox))
+    # The decode state is donated with the KV pool, so the round's new state lives where
+    # the old one did. XLA's CUDA graph of the round records buffer addresses: a state that
+    # moved every round made it re-record every command that reads a token or a position
+    # (most of them) before each launch (bench/RESULTS.md, issue 13).
+    self._step = target.jit(self.step_fn, donate_argnums=(1, 2), static_argnames=("greedy",))
 
   def num_compilations(self) -> int:
     return self.target.num_compilations()
@@ -72,27 +65,18 @@ class ARMethod(DecodingMethod):
       decode = self._place(decode, joined, join_at)
     elif plan.rows_changed:
       decode = self._carry(decode, self.target.put(plan.carry))
-    b = plan.new.size
-    outbox = (state.outbox if state is not None and state.outbox[1].shape[0] == b
-              else self.target.put((np.zeros((b, self.steps), np.int32),
-                                    np.zeros((b,), np.int32))))
-    return ARWave(decode=decode, outbox=outbox, consts=consts, greedy=greedy), first
+    return ARWave(decode=decode, consts=consts, greedy=greedy), first
 
   def round(self, state: ARWave, batch: Batch, obs: RoundObserver):
-    decode, outbox = self.target.run(self._step, state.decode, state.outbox, state.consts,
-                                     greedy=state.greedy)
-    emitted, count = self._read(outbox)
-    return dataclasses.replace(state, decode=decode, outbox=outbox), emitted, count, {}
+    decode, emitted, count = self.target.run(self._step, state.decode, state.consts,
+                                             greedy=state.greedy)
+    return dataclasses.replace(state, decode=decode), emitted, count, {}
 
-  def step_fn(self, params, kv, state: DecodeState, outbox, consts: BatchConstants,
-              greedy: bool):
+  def step_fn(self, params, kv, state: DecodeState, consts: BatchConstants, greedy: bool):
     """One round's program, unjitted (the engine jits it; bench/probes/step_programs.py
-    compiles it alone): (kv, state, outbox) -> the next ones; the outbox's old contents
-    are not read (it is an input only so that its buffers can be donated)."""
-    del outbox
+    compiles it alone)."""
     if self.steps == 1:
-      kv, state, emitted, count = self._one_step(params, kv, state, consts, greedy)
-      return kv, state, (emitted, count)
+      return self._one_step(params, kv, state, consts, greedy)
 
     def body(carry, _):
       kv, state = carry
@@ -102,7 +86,7 @@ class ARMethod(DecodingMethod):
     (kv, state), (tokens, counts) = jax.lax.scan(body, (kv, state), None, length=self.steps)
     # A sequence emits one token per step until it stops, then none: its tokens are the
     # first sum(counts) of the round's.
-    return kv, state, (jnp.moveaxis(tokens, 0, 1), jnp.sum(counts, axis=0).astype(jnp.int32))
+    return kv, state, jnp.moveaxis(tokens, 0, 1), jnp.sum(counts, axis=0).astype(jnp.int32)
 
   def _one_step(self, params, kv, state: DecodeState, consts: BatchConstants, greedy: bool):
     tokens, positions = state.token[:, None], state.pos[:, None]
