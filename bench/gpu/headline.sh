@@ -98,8 +98,8 @@ prepare)
   [ -f "$C/HumanEval.jsonl.gz" ] && export SSD_JAX_HUMANEVAL=$C/HumanEval.jsonl.gz
   SETS=$([ -f "$C/HumanEval.jsonl.gz" ] && echo humaneval,alpaca_like,prose || echo alpaca_like,prose)
   PAIR=(--model="$S/target" --draft="$S/draft" --dtype=bfloat16 --datasets="$SETS")
-  # AR, SD and SSD at K=7 first, at two batch sizes: with 32 prompts a set and four batch
-  # sizes, AR and SD alone took the whole 300 s on 12-03 and SSD never ran.
+  # AR, SD and SSD at K=7 at two batch sizes first, so that SSD's traces come in before
+  # the stage's limit (a grid of four batch sizes x 32 prompts does not fit in it).
   say "real-pair traces, T=0, K=7, batch 1 and 16"
   timeout "${TRACES_S:-300}" $PY bench/traces.py "${PAIR[@]}" --numseqs=16 --output_len=64 \
     --k=7 --f=3 --fallbacks=jit,fast --batch_size=1,16 --temperatures=0 \

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Decode state donated to each round (buffers that stay put, so XLA's CUDA graphs need not
-# be re-recorded before every launch) against the tree before it, on one GPU in one call
-# (issue 13):
+# The decode state donated to each round (fewer buffers that move between rounds, which
+# XLA updates its CUDA graphs for before a launch) against the tree before it, on one GPU
+# in one call (issue 13):
 #
 #   BASE=.ab/base bash bench/gpu/stable_buffers.sh
 #

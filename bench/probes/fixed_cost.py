@@ -132,7 +132,8 @@ def main(argv):
         row.update(model=name, floor_ms=floor_ms, ratio=floor_ms / row["ms"])
         rows.append(row)
         print(f"{name:14s} b={b:<2d} {variant:18s} {row['ms']:7.3f} ms/step  host "
-              f"{row['host_ms']:6.3f}  update {row['host_update_ms']:6.2f}  floor {floor_ms:6.3f}  ratio {row['ratio']:.2f}  "
+              f"{row['host_ms']:6.3f}  update {row['host_update_ms']:6.2f}  "
+              f"floor {floor_ms:6.3f}  ratio {row['ratio']:.2f}  "
               f"compilations after warm-up {row['compilations_after_warmup']}", flush=True)
         if FLAGS.output_json:
           with open(FLAGS.output_json, "w") as f:

@@ -26,8 +26,9 @@ from ssd_jax.engine.step import (BatchConstants, DecodeState, apply_stops, carry
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass
 class ARWave:
-  """What an AR batch's steps read: the decode state (donated to each round, which returns the next) and the batch's
-  constants; `greedy` (every request at temperature 0) selects the argmax-only program."""
+  """What an AR batch's steps read: the decode state (donated to each round, which returns
+  the next) and the batch's constants; `greedy` (every request at temperature 0) selects
+  the argmax-only program."""
   decode: DecodeState
   consts: BatchConstants
   greedy: bool = dataclasses.field(metadata=dict(static=True))
@@ -45,9 +46,9 @@ class ARMethod(DecodingMethod):
     self._carry = target.jit(functools.partial(carry_rows, dead=retire_decode))
     self._place = target.jit(place_rows)
     # The decode state is donated with the KV pool, so the round's new state lives where
-    # the old one did. XLA's CUDA graph of the round records buffer addresses: a state that
-    # moved every round made it re-record every command that reads a token or a position
-    # (most of them) before each launch (bench/RESULTS.md, issue 13).
+    # the old one did. XLA updates a program's CUDA graph on the host before a launch when
+    # buffers its commands use have moved; a new state each round was 8 of the 10 that
+    # moved per step (bench/RESULTS.md, issue 13: the 1B step's update 160 -> 30 us).
     self._step = target.jit(self.step_fn, donate_argnums=(1, 2), static_argnames=("greedy",))
 
   def num_compilations(self) -> int:

@@ -38,8 +38,8 @@ class SDMethod(SpeculativeMethod):
     self.opts = opts
     self._propose = draft.jit(self._propose_fn, donate_argnums=(1,),
                               static_argnames=("want_q",))
-    # The decode state and `prev` are donated with the KV pool (see ARMethod: buffers
-    # that stay put spare XLA re-recording the program's CUDA graph).
+    # The decode state and `prev` are donated with the KV pool (see ARMethod: fewer moved
+    # buffers for XLA's CUDA-graph update before each launch).
     self._verify = target.jit(self._verify_fn, donate_argnums=(1, 2, 3),
                               static_argnames=("greedy",))
 
