@@ -6,13 +6,8 @@
 #   bash bench/gpu/command_buffers.sh
 #
 # Random weights of real shapes: timings only. Everything under $OUT in one archive.
-set -o pipefail
-cd "$(dirname "$0")/../.."
-OUT=${OUT:-/tmp/command_buffers}
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-PY=${PYTHON:-python3}
-nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem --format=csv | tee -a "$OUT/gpu.txt"
+. "$(dirname "$0")/common.sh"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 timeout ${BIG_S:-170} $PY bench/probes/fixed_cost.py --models llama-3.1-8b,llama-3.2-1b --batches 1 \
   --variants rows8_steps1,rows8_steps1_cboff --output_json "$OUT/fixed_cost_8b_1b.json" 2>&1 \
   | grep -v -i warning | tee "$OUT/fixed_cost_8b_1b.log"

@@ -10,13 +10,8 @@
 #                                       # shape, then the exactness tests on the GPU
 #
 # Random weights of real shapes: timings only. JSON and logs under $OUT.
-set -o pipefail
-cd "$(dirname "$0")/../.."
-OUT=${OUT:-/tmp/fixed_cost}
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-PY=${PYTHON:-python3}
-nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem --format=csv | tee -a "$OUT/gpu.txt"
+. "$(dirname "$0")/common.sh"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 case ${1:?usage: fixed_cost.sh ours|torch} in
 ours)
   $PY bench/probes/fixed_cost.py --models llama-3.1-8b,llama-3.2-1b,smollm2-135m --batches 1 \

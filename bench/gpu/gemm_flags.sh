@@ -9,17 +9,12 @@
 # A flag this XLA does not know is reported and its variant skipped. Random weights of
 # real shapes: timings only. Under $OUT: summary.json and every run's JSON and log in
 # runs.tar.gz (at most 8 files come back from a device call).
-set -o pipefail
-cd "$(dirname "$0")/../.."
-OUT=${OUT:-/tmp/gemm_flags}
-mkdir -p "$OUT"
-export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
-PY=${PYTHON:-python3}
+. "$(dirname "$0")/common.sh"
+export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 VARIANTS=${VARIANTS:-"default=
 cublas_only=--xla_gpu_enable_triton_gemm=false
 triton_any=--xla_gpu_triton_gemm_any=true
 cublaslt=--xla_gpu_enable_cublaslt=true"}
-nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem --format=csv | tee -a "$OUT/gpu.txt"
 while IFS='=' read -r name flags; do
   [ -z "$name" ] && continue
   export XLA_FLAGS="$flags"

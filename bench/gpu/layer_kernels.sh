@@ -11,15 +11,9 @@
 #    kind and minute (after 3.); 3. AR again with XLA's command-buffer log on, summarised
 #    by graph_updates.py; 5. the device timeline of the step programs (kernel_timeline.py).
 # Random weights of real shapes: timings only. JSON and logs under $OUT.
-set -o pipefail
-cd "$(dirname "$0")/../.."
-OUT=${OUT:-/tmp/layer_kernels}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-PY=${PYTHON:-python3}
+. "$(dirname "$0")/common.sh"
 MODELS=${MODELS:-llama-3.1-8b,llama-3.2-1b,smollm2-135m}
 VARIANTS=${VARIANTS:-rows8_steps1,rows8_steps4}
-nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem --format=csv | tee -a "$OUT/gpu.txt"
 PYTHONPATH=$PWD JAX_PLATFORMS=cuda timeout ${TEST_S:-200} $PY -m pytest -q -p no:cacheprovider \
   tests/test_layer_kernels.py tests/test_kernels.py -k "rope or model_pallas" \
   2>&1 | tail -15 | tee "$OUT/gpu_pytest.log"

@@ -13,13 +13,7 @@
 #    (bench/probes/step_programs.py: target_ar_round vs target_ar_step), to tell whether
 #    what the engine adds per step is in its program or in its host loop.
 # Random weights of real shapes: timings only. Everything under $OUT in one archive.
-set -o pipefail
-cd "$(dirname "$0")/../.."
-OUT=${OUT:-/tmp/stable_buffers}
-mkdir -p "$OUT"
-export PYTHONUNBUFFERED=1
-PY=${PYTHON:-python3}
-nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,clocks.mem --format=csv | tee -a "$OUT/gpu.txt"
+. "$(dirname "$0")/common.sh"
 fixed_cost() {  # TREE TAG TIMEOUT: the three AR points with the code at TREE
   PYTHONPATH=$PWD/$1 timeout "$3" $PY "$1/bench/probes/fixed_cost.py" \
     --models llama-3.1-8b,llama-3.2-1b --batches 1 --variants rows8_steps1 \
