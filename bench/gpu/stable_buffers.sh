@@ -8,7 +8,8 @@
 # 1. AR end to end at real shapes (bench/probes/fixed_cost.py): 8B and 1B at one step per
 #    round, 135M at four (its default), with this tree, then with the tree at $BASE (a copy
 #    of the code before, e.g. `git archive <commit> ssd_jax bench`; skipped when unset);
-#    2. the same three with XLA's command-buffer log on, summarised by graph_updates.py;
+#    2. the three at one step per round with XLA's command-buffer log on, summarised by
+#    graph_updates.py;
 #    3. the engine's AR round compiled alone beside the probe's step program
 #    (bench/probes/step_programs.py: target_ar_round vs target_ar_step), to tell whether
 #    what the engine adds per step is in its program or in its host loop.

@@ -93,7 +93,7 @@ def run_point(model, cfg, batch: int, variant: str) -> dict:
   ms = 1e3 * batch / best["decode_tokens_per_s"]
   return {"model": None, "batch": batch, "variant": variant, "ms": ms,
           "round_ms": best["round_ms"], "host_ms": traced.get("host_round_ms", 0.0) / steps,
-          # between rounds: the batch's constants replaced (pages grew), per update
+          # between rounds (joins, pages grown): the host's time per update, median of a run
           "host_update_ms": traced.get("host_update_ms", 0.0),
           "compilations_after_warmup": best["compilations"] + traced["compilations"]}
 
