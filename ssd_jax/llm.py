@@ -111,7 +111,8 @@ class LLM:
 
   model / draft: a HuggingFace directory, a .gguf file, None (the embedded
     SmolLM2-135M-Instruct; for `draft`: the bundled distilled draft when the target is the
-    embedded default), or an already built `Transformer` (research use; pass `tokenizer`).
+    embedded default), or an already built `Transformer` (research use; pass `tokenizer`;
+    its attention kernels are set to `attention_impl`).
   mesh: "TxD" for the target (T-way tensor parallel x D replicas); draft_devices: devices
     after those for the draft's own mesh (0: the draft shares the target's devices).
   command_buffers: None (XLA's default), or a mode of runner.COMMAND_BUFFER_MODES
@@ -241,6 +242,10 @@ class LLM:
     from ssd_jax.models.transformer import Transformer
     if isinstance(source, Transformer):
       check_model_fits(source.cfg, mesh, role)
+      # attention_impl governs a model built elsewhere too (random_model builds with
+      # "xla"): left as built, a GPU benchmark of a random-weight model silently timed
+      # XLA's attention where every loaded model runs the Pallas kernels.
+      source.set_attention_impl(impl)
       return source, tokenizer
     model, cfg = checkpoint.load_model(source, dtype=self.dtype, mesh=mesh,
                                        attention_impl=impl)

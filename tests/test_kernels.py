@@ -277,3 +277,24 @@ def test_extend_attention_equals_dense_plus_merge(kv_len, empty_paged):
     want = reference.merge_attention(out, lse, o2, l2)
   got = reference.extend_attention(out, lse, q, skv, kv_len, scale=0.3)
   np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-5, atol=1e-5)
+
+
+def test_llm_sets_its_attention_impl_on_a_model_it_is_given():
+  """A Transformer handed to LLM runs the attention LLM was asked for, whatever it was
+  built with (random_model builds with "xla"; a GPU benchmark of such a model once timed
+  XLA's attention under --attention auto)."""
+  import jax
+  from flax import nnx
+  from ssd_jax.config import ModelConfig
+  from ssd_jax.llm import LLM
+  from ssd_jax.models.transformer import Transformer
+
+  cfg = ModelConfig(model_type="llama", vocab_size=96, hidden_size=64, intermediate_size=128,
+                    num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16)
+  for asked in ("pallas", "xla"):
+    built = "xla" if asked == "pallas" else "pallas"
+    llm = LLM(Transformer(cfg, rngs=nnx.Rngs(0), attention_impl=built), method="ar",
+              attention_impl=asked, page_size=8, max_model_len=32, max_batch_size=1)
+    runner = llm.target
+    model = nnx.merge(runner.graphdef, jax.tree.unflatten(runner._param_tree, runner.params))
+    assert [layer.self_attn.attention_impl for layer in model.layers] == [asked, asked]

@@ -245,6 +245,12 @@ class Transformer(nnx.Module):
     if not cfg.tie_word_embeddings:
       self.lm_head = _param(rngs, (cfg.hidden_size, cfg.vocab_size), ("embed", "vocab"), dtype)
 
+  def set_attention_impl(self, impl: str) -> None:
+    """Selects every layer's attention kernels ("xla", "pallas" or "auto"); a program
+    traced afterwards uses them."""
+    for layer in self.layers:
+      layer.self_attn.attention_impl = impl
+
   def logits(self, h):
     if self.cfg.tie_word_embeddings:
       return jnp.einsum("...e,ve->...v", h, self.embed_tokens[...],
