@@ -85,6 +85,40 @@ def test_kernel_timeline_summarizes_the_gpu_stream_lane():
     summarize({"traceEvents": meta[1:2]}, calls=1)
 
 
+def test_engine_timeline_attributes_idle_gaps_to_host_phases():
+  """bench/probes/engine_timeline.py over a hand-made trace: four rounds of two kernels on
+  two stream lanes, host phases annotated; the first round (before round 1's dispatch) is
+  left out, a 30 us gap during "drain" and a 70 us one during "update" are found."""
+  from bench.probes.engine_timeline import busy_intervals, summarize_loop
+  meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+          {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}},
+          {"ph": "M", "name": "thread_name", "pid": 1, "tid": 7, "args": {"name": "Stream #7"}},
+          {"ph": "M", "name": "thread_name", "pid": 1, "tid": 9, "args": {"name": "Stream #9"}},
+          {"ph": "M", "name": "thread_name", "pid": 1, "tid": 8,
+           "args": {"name": "XLA Modules"}}]
+  ev = lambda pid, tid, name, ts, dur: {"ph": "X", "pid": pid, "tid": tid, "name": name,
+                                        "ts": ts, "dur": dur}
+  kernels, host = [], []
+  starts = (0.0, 100.0, 230.0, 400.0)  # round r's kernels: [t, t + 60] and [t + 50, t + 100]
+  for r, t in enumerate(starts):
+    kernels += [ev(1, 7, "gemm_fusion", t, 60), ev(1, 9, "paged_attention", t + 50, 50),
+                ev(1, 8, "jit_step_fn", t, 100)]
+    host.append(ev(2, 1, "engine_round", t - 40, 10))
+  host += [ev(2, 1, "engine_drain", 195, 40), ev(2, 1, "engine_update", 320, 90)]
+  assert busy_intervals([ev(1, 7, "a", 0, 10), ev(1, 9, "b", 5, 10), ev(1, 7, "c", 20, 1)]) \
+      == [(0.0, 15.0), (20.0, 21.0)]
+  row = summarize_loop({"traceEvents": meta + kernels + host}, steps_per_round=1,
+                       min_gap_us=20, skip_rounds=1)
+  assert row["steps"] == 3 and row["kernels_per_step"] == 2.0
+  assert row["span_ms_per_step"] == round(400 / 3 / 1e3, 4)   # 100 .. 500 us
+  assert row["idle_ms_per_step"] == round(100 / 3 / 1e3, 4)   # gaps of 30 and 70 us
+  assert row["long_gaps_by_phase"] == {"drain": 1, "update": 1}
+  assert row["longest_gaps"][0] == {"us": 70.0, "at_ms": 0.23, "host_phase": "update",
+                                    "next_kernel": "gemm_fusion"}
+  assert row["modules"] == {"jit_step_fn": {"count": 4, "median_ms": 0.1}}
+  assert row["host_phase_count"] == {"round": 3, "drain": 1, "update": 1}
+
+
 def test_graph_updates_reads_xla_command_buffer_log():
   """bench/probes/graph_updates.py counts executions and re-recordings in XLA's log
   (lines as jax 0.11.2's XLA writes them)."""

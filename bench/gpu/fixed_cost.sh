@@ -14,17 +14,20 @@
 export PYTHONPATH=$PWD${PYTHONPATH:+:$PYTHONPATH}
 case ${1:?usage: fixed_cost.sh ours|torch} in
 ours)
-  $PY bench/probes/fixed_cost.py --models llama-3.1-8b,llama-3.2-1b,smollm2-135m --batches 1 \
-    --variants rows1_steps1,rows8_steps1,rows8_steps4 --output_json "$OUT/fixed_cost_b1.json" \
-    2>&1 | grep -v -i warning | tee "$OUT/fixed_cost_b1.log"
-  $PY bench/probes/fixed_cost.py --models llama-3.1-8b --batches 8 --read_gb 4.3 \
-    --variants rows1_steps1,rows8_steps4 --output_json "$OUT/fixed_cost_b8.json" \
+  # (each stage has a timeout, so what finished is under $OUT when a call runs out)
+  timeout "${B1_S:-330}" $PY bench/probes/fixed_cost.py \
+    --models llama-3.1-8b,llama-3.2-1b,smollm2-135m --batches 1 \
+    --variants "${VARIANTS:-rows1_steps1,rows8_steps1,rows8_steps4}" \
+    --output_json "$OUT/fixed_cost_b1.json" 2>&1 | grep -v -i warning | tee "$OUT/fixed_cost_b1.log"
+  timeout "${B8_S:-100}" $PY bench/probes/fixed_cost.py --models llama-3.1-8b --batches 8 \
+    --read_gb 4.3 --variants rows1_steps1,rows8_steps4 --output_json "$OUT/fixed_cost_b8.json" \
     2>&1 | grep -v -i warning | tee "$OUT/fixed_cost_b8.log"
-  $PY -m bench.probes.step_programs --target llama-3.1-8b --draft llama-3.2-1b --draft_devices 0 \
-    --command_buffers default --iters 40 --output_json "$OUT/step_programs.json" \
-    2>&1 | grep -v -i warning | tee "$OUT/step_programs.log"
-  [ -d .peer/llama3 ] && $PY bench/peer_jax_llm_examples.py --llama3_dir .peer/llama3 \
-    --output_json "$OUT/peer_jax.json" 2>&1 | grep -v -i warning | tail -20 | tee "$OUT/peer_jax.log"
+  timeout "${PROGRAMS_S:-100}" $PY -m bench.probes.step_programs --target llama-3.1-8b \
+    --draft llama-3.2-1b --draft_devices 0 --command_buffers default --iters 40 \
+    --output_json "$OUT/step_programs.json" 2>&1 | grep -v -i warning | tee "$OUT/step_programs.log"
+  [ -d .peer/llama3 ] && timeout "${PEER_S:-90}" $PY bench/peer_jax_llm_examples.py \
+    --llama3_dir .peer/llama3 --output_json "$OUT/peer_jax.json" 2>&1 | grep -v -i warning \
+    | tail -20 | tee "$OUT/peer_jax.log"
   ;;
 torch)
   CK=/tmp/ssd_jax_random/llama-3.1-8b
