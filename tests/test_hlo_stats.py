@@ -117,6 +117,31 @@ def test_engine_timeline_attributes_idle_gaps_to_host_phases():
                                     "next_kernel": "gemm_fusion"}
   assert row["modules"] == {"jit_step_fn": {"count": 4, "median_ms": 0.1}}
   assert row["host_phase_count"] == {"round": 3, "drain": 1, "update": 1}
+  assert row["busy_ms_per_step_by_class"] == {"gemm": 0.06, "attention": 0.05}
+  assert row["top_kernels"][0] == {"name": "gemm_fusion", "ms_per_step": 0.06,
+                                   "per_step": 1.0, "us_each": 60.0}
+
+
+def test_engine_timeline_counts_a_kernel_in_the_round_that_launched_it():
+  """A device that lags its host: round 0's kernel, launched before round 1's dispatch
+  but run after it, is matched to its launch by CUPTI's correlation id and left out, and
+  the device's time on it is not idle time of the rounds counted."""
+  from bench.probes.engine_timeline import summarize_loop
+  meta = [{"ph": "M", "name": "process_name", "pid": 1, "args": {"name": "/device:GPU:0"}},
+          {"ph": "M", "name": "process_name", "pid": 2, "args": {"name": "/host:CPU"}}]
+  ev = lambda pid, name, ts, dur, cid: {"ph": "X", "pid": pid, "tid": 1, "name": name,
+                                        "ts": ts, "dur": dur,
+                                        "args": {"correlation_id": str(cid)}}
+  host, kernels = [], []
+  for r in range(4):  # the host dispatches every 50 us, each round runs 100 us, from 80 us
+    host += [ev(2, "engine_round", 50.0 * r, 10, -1 - r), ev(2, "cuGraphLaunch", 50.0 * r + 5,
+                                                             1, r)]
+    kernels.append(ev(1, "gemm_fusion", 100.0 * r + 80, 100, r))
+  row = summarize_loop({"traceEvents": meta + host + kernels}, steps_per_round=1,
+                       min_gap_us=20, skip_rounds=1)
+  # rounds 1-3 only: round 0's kernel runs 80-180 us, after round 1's dispatch at 50 us
+  assert row["steps"] == 3 and row["kernels_per_step"] == 1.0
+  assert row["span_ms_per_step"] == 0.1 and row["idle_ms_per_step"] == 0.0
 
 
 def test_graph_updates_reads_xla_command_buffer_log():

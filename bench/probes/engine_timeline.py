@@ -14,7 +14,8 @@ does) to see the graphs the engine really runs.
   XLA_FLAGS=--xla_enable_command_buffers_during_profiling=true PYTHONPATH=$PWD \\
       python bench/probes/engine_timeline.py --models llama-3.1-8b --output_dir /tmp/tl
 
-GPU only: on another backend it says so in one line and exits.
+GPU only: on another backend it says so in one line and exits. `--traces DIR` summarizes
+again the traces a run saved in DIR (any backend).
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags
 
-from bench.probes.kernel_timeline import device_lanes, read_perfetto
+from bench.probes.kernel_timeline import device_lanes, kernel_class, read_perfetto
 from ssd_jax.engine.observe import RoundObserver
 
 flags.DEFINE_list("models", ["llama-3.1-8b", "llama-3.2-1b", "smollm2-135m"],
@@ -45,6 +46,8 @@ flags.DEFINE_integer("page_size", 64, "KV page size.")
 flags.DEFINE_string("attention", "auto", "auto | xla | pallas.")
 flags.DEFINE_float("min_gap_us", 20.0, "Idle gaps at least this long are listed.")
 flags.DEFINE_string("output_dir", None, "Summaries (JSON) and the raw traces go here.")
+flags.DEFINE_string("traces", None, "Summarize again the traces a run saved in this "
+                    "directory (with its engine_timeline.json) instead of tracing: no GPU.")
 FLAGS = flags.FLAGS
 
 PHASE_PREFIX = "engine_"
@@ -111,13 +114,29 @@ def module_lanes(trace: dict) -> dict:
   return dict(out)
 
 
+def launch_times(trace: dict) -> dict:
+  """{correlation id: host time} of the host's launches (cuGraphLaunch, cuLaunchKernel,
+  copies): CUPTI gives a kernel and the launch that issued it the same correlation id."""
+  names = {ev["pid"]: str(ev.get("args", {}).get("name", ""))
+           for ev in trace.get("traceEvents", [])
+           if ev.get("ph") == "M" and ev.get("name") == "process_name"}
+  out = {}
+  for ev in trace.get("traceEvents", []):
+    cid = ev.get("args", {}).get("correlation_id") if ev.get("ph") == "X" else None
+    if cid is not None and "host" in names.get(ev.get("pid"), "").lower():
+      out[str(cid)] = float(ev["ts"])
+  return out
+
+
 def summarize_loop(trace: dict, steps_per_round: int, min_gap_us: float,
                    skip_rounds: int = 2, top: int = 15) -> dict:
-  """From the host's dispatch of round `skip_rounds` on (prefill and the first rounds
-  left out) to the last kernel: the device's busy and idle time per decode step (rounds
-  dispatched x steps per round; the last rounds of a run may emit nothing), the
-  idle gaps of at least min_gap_us by the host phase running when each began, and the
-  longest gaps with the kernel that ended them."""
+  """The kernels launched from the host's dispatch of round `skip_rounds` on (prefill and
+  the first rounds left out; a kernel belongs to the round whose launch issued it, as
+  the device may still be running earlier rounds then): the device's busy and idle time
+  per decode step (rounds dispatched x steps per round; the last rounds of a run may emit
+  nothing), its busy time by kernel class and the costliest kernels, the idle gaps of at
+  least min_gap_us by the host phase running when each began, and the longest gaps with
+  the kernel that ended them."""
   lanes = device_lanes(trace)
   if not lanes:
     raise ValueError("the trace has no GPU stream lanes (no GPU, or CUPTI not loaded)")
@@ -127,7 +146,14 @@ def summarize_loop(trace: dict, steps_per_round: int, min_gap_us: float,
     raise ValueError(f"the trace has {len(rounds)} annotated rounds; need more than "
                      f"{skip_rounds}")
   t_from = rounds[skip_rounds][0]
-  events = sorted((e for lane in lanes.values() for e in lane if float(e["ts"]) >= t_from),
+  launched = launch_times(trace)
+  issued = lambda e: launched.get(str(e.get("args", {}).get("correlation_id")), float(e["ts"]))
+  every = [e for lane in lanes.values() for e in lane]
+  # The window opens once the device has finished the rounds left out, so that their
+  # kernels, still running after round `skip_rounds` was launched, count as no idle time.
+  opens = max((float(e["ts"]) + float(e.get("dur", 0)) for e in every if issued(e) < t_from),
+              default=float("-inf"))
+  events = sorted((e for e in every if issued(e) >= t_from and float(e["ts"]) >= opens),
                   key=lambda e: float(e["ts"]))
   busy = busy_intervals(events)
   steps = (len(rounds) - skip_rounds) * steps_per_round  # decode steps the device ran
@@ -146,6 +172,13 @@ def summarize_loop(trace: dict, steps_per_round: int, min_gap_us: float,
     long.append({"us": round(g1 - g0, 1), "at_ms": round((g0 - busy[0][0]) / 1e3, 3),
                  "host_phase": ph, "next_kernel": str(nxt)[:80]})
   per_step = lambda us: round(us / max(steps, 1) / 1e3, 4)
+  by_class, count_class = collections.Counter(), collections.Counter()
+  by_name, count_name = collections.Counter(), collections.Counter()
+  for e in events:
+    by_class[kernel_class(e["name"])] += float(e.get("dur", 0))
+    count_class[kernel_class(e["name"])] += 1
+    by_name[e["name"]] += float(e.get("dur", 0))
+    count_name[e["name"]] += 1
   phase_ms = collections.defaultdict(list)
   for s, e, name in phases:
     if s >= t_from:
@@ -154,6 +187,13 @@ def summarize_loop(trace: dict, steps_per_round: int, min_gap_us: float,
       "steps": steps, "kernels_per_step": round(len(events) / max(steps, 1), 1),
       "span_ms_per_step": per_step(span), "busy_ms_per_step": per_step(busy_us),
       "idle_ms_per_step": per_step(span - busy_us),
+      "busy_ms_per_step_by_class": {c: per_step(v) for c, v in by_class.most_common()},
+      "kernels_per_step_by_class": {c: round(n / max(steps, 1), 1)
+                                    for c, n in count_class.most_common()},
+      "top_kernels": [{"name": n[:100], "ms_per_step": per_step(v),
+                       "per_step": round(count_name[n] / max(steps, 1), 2),
+                       "us_each": round(v / count_name[n], 2)}
+                      for n, v in by_name.most_common(top)],
       "long_gaps": len(long), "long_gap_ms_per_step": per_step(sum(g["us"] for g in long)),
       "long_gap_ms_per_step_by_phase": {p: per_step(v) for p, v in by_phase.most_common()},
       "long_gaps_by_phase": dict(count_phase),
@@ -200,28 +240,64 @@ def trace_point(name: str) -> tuple[dict, dict]:
   return row, trace
 
 
+def report(row: dict) -> None:
+  print(f"{row['model']:14s} wall {row['wall_ms_per_step']:.3f} ms/token  span "
+        f"{row['span_ms_per_step']:.3f}  busy {row['busy_ms_per_step']:.3f}  idle "
+        f"{row['idle_ms_per_step']:.3f} ({row['long_gaps']} gaps >= {FLAGS.min_gap_us:g} us:"
+        f" {row['long_gap_ms_per_step']:.3f} ms/step; by phase "
+        f"{row['long_gap_ms_per_step_by_phase']})  host phases "
+        f"{row['host_phase_ms_median']}  compilations {row['compilations_after_warmup']}",
+        flush=True)
+  print(f"    busy ms/step by class {row['busy_ms_per_step_by_class']}  kernels/step "
+        f"{row['kernels_per_step_by_class']}")
+  for k in row["top_kernels"][:8]:
+    print(f"    {k['ms_per_step']:.4f} ms/step  {k['per_step']:6.2f} x {k['us_each']:8.2f} us"
+          f"  {k['name']}")
+  for g in row["longest_gaps"][:6]:
+    print(f"    {g['us']:8.1f} us at {g['at_ms']:8.3f} ms  during {g['host_phase']:7s} "
+          f"before {g['next_kernel']}")
+
+
+def resummarize(trace_dir: str) -> list[dict]:
+  """The summaries of a finished run again, from the traces it saved (no GPU needed):
+  steps per round, wall time and compilations are taken from its engine_timeline.json."""
+  with open(os.path.join(trace_dir, "engine_timeline.json")) as f:
+    old = json.load(f)
+  rows = []
+  for prev in old:
+    path = os.path.join(trace_dir, f"trace_{prev['model']}.json.gz")
+    if not os.path.isfile(path):
+      raise SystemExit(f"engine_timeline: {path} is missing (the run saved no trace for "
+                       f"{prev['model']})")
+    with gzip.open(path, "rt") as f:
+      trace = json.load(f)
+    row = summarize_loop(trace, prev["ar_steps"], FLAGS.min_gap_us)
+    row.update({k: prev[k] for k in ("model", "batch", "wall_ms_per_step",
+                                     "compilations_after_warmup", "ar_steps")})
+    rows.append(row)
+    report(row)
+  return rows
+
+
 def main(argv):
   del argv
-  if jax.default_backend() != "gpu":
-    raise SystemExit(f"engine_timeline: needs a GPU (the backend is {jax.default_backend()}):"
-                     " CUPTI traces GPU kernels only")
   out = FLAGS.output_dir
   if out:
     os.makedirs(out, exist_ok=True)
+  if FLAGS.traces:
+    rows = resummarize(FLAGS.traces)
+    if out:
+      with open(os.path.join(out, "engine_timeline.json"), "w") as f:
+        json.dump(rows, f, indent=1)
+    return
+  if jax.default_backend() != "gpu":
+    raise SystemExit(f"engine_timeline: needs a GPU (the backend is {jax.default_backend()}):"
+                     " CUPTI traces GPU kernels only")
   rows = []
   for name in FLAGS.models:
     row, trace = trace_point(name)
     rows.append(row)
-    print(f"{name:14s} wall {row['wall_ms_per_step']:.3f} ms/token  span "
-          f"{row['span_ms_per_step']:.3f}  busy {row['busy_ms_per_step']:.3f}  idle "
-          f"{row['idle_ms_per_step']:.3f} ({row['long_gaps']} gaps >= {FLAGS.min_gap_us:g} us:"
-          f" {row['long_gap_ms_per_step']:.3f} ms/step; by phase "
-          f"{row['long_gap_ms_per_step_by_phase']})  host phases "
-          f"{row['host_phase_ms_median']}  compilations {row['compilations_after_warmup']}",
-          flush=True)
-    for g in row["longest_gaps"][:6]:
-      print(f"    {g['us']:8.1f} us at {g['at_ms']:8.3f} ms  during {g['host_phase']:7s} "
-            f"before {g['next_kernel']}")
+    report(row)
     if out:
       with gzip.open(os.path.join(out, f"trace_{name}.json.gz"), "wt") as f:
         json.dump(trace, f)
