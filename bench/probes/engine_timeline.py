@@ -37,17 +37,6 @@ from absl import app, flags
 from bench.probes.kernel_timeline import device_lanes, kernel_class, read_perfetto
 from ssd_jax.engine.observe import RoundObserver
 
-flags.DEFINE_list("models", ["llama-3.1-8b", "llama-3.2-1b", "smollm2-135m"],
-                  "REAL_SHAPES names.")
-flags.DEFINE_integer("batch", 1, "Sequences.")
-flags.DEFINE_integer("prompt_len", 128, "Prompt tokens.")
-flags.DEFINE_integer("new_tokens", 64, "Generated tokens per sequence (traced run).")
-flags.DEFINE_integer("page_size", 64, "KV page size.")
-flags.DEFINE_string("attention", "auto", "auto | xla | pallas.")
-flags.DEFINE_float("min_gap_us", 20.0, "Idle gaps at least this long are listed.")
-flags.DEFINE_string("output_dir", None, "Summaries (JSON) and the raw traces go here.")
-flags.DEFINE_string("traces", None, "Summarize again the traces a run saved in this "
-                    "directory (with its engine_timeline.json) instead of tracing: no GPU.")
 FLAGS = flags.FLAGS
 
 PHASE_PREFIX = "engine_"
@@ -306,5 +295,22 @@ def main(argv):
     del trace
 
 
+def define_flags() -> None:
+  """Its flags, defined only when run as a script: the tests import this module beside
+  other probes whose flags share names (page_size)."""
+  flags.DEFINE_list("models", ["llama-3.1-8b", "llama-3.2-1b", "smollm2-135m"],
+                    "REAL_SHAPES names.")
+  flags.DEFINE_integer("batch", 1, "Sequences.")
+  flags.DEFINE_integer("prompt_len", 128, "Prompt tokens.")
+  flags.DEFINE_integer("new_tokens", 64, "Generated tokens per sequence (traced run).")
+  flags.DEFINE_integer("page_size", 64, "KV page size.")
+  flags.DEFINE_string("attention", "auto", "auto | xla | pallas.")
+  flags.DEFINE_float("min_gap_us", 20.0, "Idle gaps at least this long are listed.")
+  flags.DEFINE_string("output_dir", None, "Summaries (JSON) and the raw traces go here.")
+  flags.DEFINE_string("traces", None, "Summarize again the traces a run saved in this "
+                      "directory (with its engine_timeline.json) instead of tracing: no GPU.")
+
+
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
