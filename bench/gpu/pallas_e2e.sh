@@ -37,9 +37,9 @@ XLA_FLAGS="--xla_enable_command_buffers_during_profiling=true ${XLA_FLAGS:-}" \
 mkdir -p "$OUT/traces" && mv "$OUT"/timeline/trace_* "$OUT/traces/" 2>/dev/null
 pack engine_timeline engine_timeline.log timeline
 pack engine_traces traces
-[ -d .peer/llama3 ] && timeout "${PEER_S:-70}" $PY bench/peer_jax_llm_examples.py \
+[ -d .peer/llama3 ] && timeout "${PEER_S:-150}" $PY bench/peer_jax_llm_examples.py \
   --llama3_dir .peer/llama3 --output_json "$OUT/peer_jax.json" 2>&1 | quiet | tail -20 \
   | tee "$OUT/peer_jax.log"
 pack peer_jax "peer_jax.*"
-JAX_PLATFORMS=cuda timeout "${EXACT_S:-90}" $PY -m pytest -q -x tests/test_engine_exact.py \
+JAX_PLATFORMS=cuda timeout "${EXACT_S:-300}" $PY -m pytest -q -x tests/test_engine_exact.py \
   2>&1 | tail -15 | tee "$OUT/gpu_exact.log"
