@@ -182,3 +182,22 @@ def test_step_programs_build_the_engines_ar_round():
   assert not bool(state.done.any())
   res = step_programs.measure(build(), iters=2, latency_iters=1, log=lambda *_: None)
   assert all("ms" in res[n]["default"] for n in ("target_ar_step", "target_ar_round"))
+
+
+def test_launches_lists_each_kernel_in_program_order():
+  from bench.probes.hlo_stats import launches
+
+  def f(x, w):
+    def body(c, _):
+      return jnp.tanh(c @ w), None
+    y, _ = jax.lax.scan(body, x, None, length=3)
+    return jnp.sum(y * y, axis=-1)
+
+  text = jax.jit(f).lower(jnp.ones((2, 8)), jnp.ones((8, 8))).compile().as_text()
+  rows = launches(text)
+  assert rows and all({"name", "kind", "shape", "ops"} <= set(r) for r in rows)
+  # the loop body appears once, so its GEMM does: launches() is one pass of the program
+  assert sum(r["kind"] == "gemm" for r in rows) == 1
+  assert len(rows) <= kernel_counts(text)["kernels"]
+  with pytest.raises(ValueError, match="ENTRY"):
+    launches("HloModule m\n")

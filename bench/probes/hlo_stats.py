@@ -186,6 +186,73 @@ def compiled_stats(jitted, *args, **kwargs) -> dict:
   return kernel_counts(jitted.lower(*args, **kwargs).compile().as_text())
 
 
-if __name__ == "__main__":  # python bench/probes/hlo_stats.py < module.txt
+def _fused_ops(c: _Counter, comp_name: str, depth: int = 0) -> list[str]:
+  """The opcodes a fused computation executes (nested fusions included), in order."""
+  comp = c.comps.get(comp_name)
+  ops = []
+  for line in comp.lines if comp and depth <= 4 else []:
+    m = _INSTR.match(line)
+    if not m or m.group(3) in _NO_KERNEL:
+      continue
+    if m.group(3) == "fusion":
+      ops += _fused_ops(c, _attr(m.group(4), "calls") or "", depth + 1)
+    else:
+      ops.append(m.group(3))
+  return ops
+
+
+def launches(hlo_text: str) -> list[dict]:
+  """What one execution launches, in program order: {"name", "kind" (gemm, fusion,
+  custom-call or the op), "shape" (the result's), "ops" (a fusion's opcodes, or a custom
+  call's target)}. Loop bodies and called computations (command buffers) appear once, at
+  their place; for a conditional, its first branch. This tells which ops XLA left in a
+  kernel of its own, e.g. a layer's norms and residual adds beside its GEMMs."""
+  c = _Counter(hlo_text)
+  if c.entry is None:
+    raise ValueError("no ENTRY computation in the HLO text")
+  out = []
+
+  def walk(comp_name: str, depth: int):
+    comp = c.comps.get(comp_name)
+    for line in comp.lines if comp and depth <= 8 else []:
+      m = _INSTR.match(line)
+      if not m:
+        continue
+      name, shape, op, rest = m.groups()
+      if op in _NO_KERNEL or op.endswith("-done"):
+        continue
+      if op == "while":
+        walk(_attr(rest, "body") or "", depth + 1)
+      elif op == "conditional":
+        m_br = re.search(r"branch_computations=\{([^}]*)\}", rest)
+        first = (m_br.group(1).split(",")[0].strip().lstrip("%") if m_br
+                 else _attr(rest, "true_computation") or "")
+        walk(first, depth + 1)
+      elif op == "call":
+        walk(_attr(rest, "to_apply") or "", depth + 1)
+      elif op == "fusion":
+        callee = _attr(rest, "calls") or ""
+        out.append({"name": name, "kind": "gemm" if c.has_dot(callee) else "fusion",
+                    "shape": shape, "ops": " ".join(_fused_ops(c, callee))})
+      elif op == "custom-call":
+        target = re.search(r'custom_call_target="([^"]*)"', rest)
+        kname = re.search(r'"name":"([^"]*)"', rest)
+        out.append({"name": name, "kind": "custom-call", "shape": shape,
+                    "ops": " ".join(x.group(1) for x in (target, kname) if x)})
+      else:
+        out.append({"name": name, "kind": op, "shape": shape, "ops": op})
+  walk(c.entry, 0)
+  return out
+
+
+if __name__ == "__main__":
+  # python bench/probes/hlo_stats.py < module.txt            kernel counts (JSON)
+  # python bench/probes/hlo_stats.py --launches N < module.txt  the first N launches
   import sys
-  print(json.dumps(kernel_counts(sys.stdin.read()), indent=1))
+  text = sys.stdin.read()
+  if len(sys.argv) > 2 and sys.argv[1] == "--launches":
+    for i, row in enumerate(launches(text)[:int(sys.argv[2])]):
+      print(f"{i:4d} {row['kind']:11s} {row['name']:36s} {row['shape'][:40]:40s} "
+            f"{row['ops'][:160]}")
+  else:
+    print(json.dumps(kernel_counts(text), indent=1))

@@ -63,6 +63,7 @@ from ssd_jax.kernels import pallas_attention, reference
 
 SHAPES = {  # name: (q heads, kv heads, head_dim)
     "8b": (32, 8, 128),
+    "1b": (32, 8, 64),  # Llama-3.2-1B, the SSD draft of the 8B/70B pairs
     "70b": (64, 8, 128),
     "8b_tp4": (8, 2, 128),
     "70b_tp8": (8, 1, 128),

@@ -32,6 +32,7 @@ Used by bench/probes/ssd_timing.py (`--runs ...,steps`) and runnable alone:
 
 from __future__ import annotations
 
+import os
 import time
 
 import jax
@@ -176,9 +177,11 @@ def _time(compiled, params, carry, inputs, iters: int, latency_iters: int):
 
 
 def measure(programs: dict, modes=("default",), iters: int = 50, latency_iters: int = 20,
-            log=print) -> dict:
+            log=print, hlo_dir: str | None = None) -> dict:
   """{name: {mode: {kernel counts..., ms, host_ms, latency_ms, compile_s}}}; a failing
-  mode is reported as {"error": ...} and the others go on."""
+  mode is reported as {"error": ...} and the others go on. With `hlo_dir`, each compiled
+  program's optimized HLO is written there as <name>_<mode>.txt (read it with
+  `hlo_stats.py --launches`)."""
   results = {}
   for name, (runner, step, carry, inputs) in programs.items():
     results[name] = {}
@@ -190,6 +193,10 @@ def measure(programs: dict, modes=("default",), iters: int = 50, latency_iters: 
         t0 = time.perf_counter()
         compiled = jitted.lower(runner.params, carry, *inputs).compile()
         row = {"compile_s": time.perf_counter() - t0}
+        if hlo_dir:
+          os.makedirs(hlo_dir, exist_ok=True)
+          with open(os.path.join(hlo_dir, f"{name}_{mode}.txt"), "w") as fh:
+            fh.write(compiled.as_text())
         try:  # counting reads HLO text; if another XLA writes it differently, still time
           row.update(kernel_counts(compiled.as_text()))
         except Exception as e:  # noqa: BLE001
@@ -236,7 +243,7 @@ def main(argv):
   from absl import flags
   F = flags.FLAGS
   progs = programs_from_flags()
-  res = measure(progs, tuple(F.command_buffers), F.iters)
+  res = measure(progs, tuple(F.command_buffers), F.iters, hlo_dir=F.hlo_dir)
   del progs
   if F.output_json:
     with open(F.output_json, "w") as fh:
@@ -265,4 +272,5 @@ if __name__ == "__main__":
   flags.DEFINE_list("command_buffers", ["default", "off", "max"], "XLA command-buffer modes.")
   flags.DEFINE_integer("iters", 50, "Calls per timing.")
   flags.DEFINE_string("output_json", None, "Write the results here.")
+  flags.DEFINE_string("hlo_dir", None, "Write each program's optimized HLO text here.")
   app.run(main)
