@@ -13,7 +13,16 @@ Caveat stated per row: most SD/SSD rounds were measured on 2026-11-23, before th
 come from; one row pairs same-day older step programs with a same-day SD round instead.
 bench/gpu/headline.sh measures both sides in one call, which is the clean check.
 
+The real pair end to end (`real_pair_rows`): every AR / SD / SSD run of a bench/traces.py
+index on one GPU (target and draft on the same GPU, so the SSD round is verify + build, not
+their max) against the model fed with that run's own acceptance, hit rate and P(some row
+missed) and with the real pair's single-program step times (step_grid.py on the
+smollm2-135m / smollm2-135m-l6 shapes): the check of the model where the acceptance is real.
+
   PYTHONPATH=$PWD python bench/validation.py --output_json /tmp/measured.json
+  PYTHONPATH=$PWD python bench/validation.py \
+      --real_pair_traces bench/results/2026-12-04/headline_s15/traces_t0 \
+      --real_pair_steps bench/results/2026-12-04/real_pair_steps/steps_real_pair.json
 """
 
 from __future__ import annotations
@@ -71,6 +80,13 @@ CASES = [
      None, 8, 25.59, True, "RESULTS.md 'Re-run with the final code' 2026-11-23"),
     ("70B-40-layer/1B SSD every lookup a hit, 1+1", "llama-3.1-70b-40l", "llama-3.2-1b", "1+1",
      1, "ssd_hit", "jit", 8, 17.57, True, "RESULTS.md 'Re-run with the final code' 2026-11-23"),
+    ("8B AR, 2026-12-04", "llama-3.1-8b", None, "1", 1, "ar", None, 1, 4.205, True,
+     "results/2026-12-04/headline_s15/rounds.log (ssd_timing.py --draft_devices 0)"),
+    ("8B/1B SD all accepted, one GPU, 2026-12-04", "llama-3.1-8b", "llama-3.2-1b", "1", 1, "sd",
+     None, 8, 10.331, True, "results/2026-12-04/headline_s15/rounds.log"),
+    ("8B/1B SSD every lookup a hit, one GPU, 2026-12-04", "llama-3.1-8b", "llama-3.2-1b", "1", 1,
+     "ssd_hit", "jit", 8, 13.865, False,
+     "results/2026-12-04/headline_s15/rounds.log: draft on the target's GPU, nothing overlaps"),
 ]
 
 
@@ -100,6 +116,56 @@ def rows(shapes=None) -> list[dict]:
   return out
 
 
+def real_pair_rows(index_path: str, steps_path: str, temperature: float = 0.0) -> list[dict]:
+  """One row per (config, prompt set, batch) of a traces.py index: its measured decode
+  tokens/s beside the model's prediction from the same run's statistics."""
+  with open(index_path) as fh:
+    index = json.load(fh)
+  shapes = sm.load_shapes(steps_path)
+  t, d = shapes["smollm2-135m"], shapes["smollm2-135m-l6"]
+  out = []
+  for entry in index["configs"]:
+    c = entry["config"]
+    meth, k = c["method"], c.get("k", 7)
+    f = c.get("f", 3)
+    for ds, per_t in entry["summary"].items():
+      for b, s in per_t.get(str(float(temperature)), {}).items():
+        b = int(b)
+        if not s.get("decode_s") or not s["row_rounds"]:
+          continue
+        if meth == "ar":  # the model's AR round is one step; one token per row
+          pred = 1e3 * b / sm.step_ms(t, "target_ar_step", b, 1)
+        else:
+          st = sm.Stats(tokens_per_round=s["tokens_per_round"], hit_rate=s.get("hit_rate"),
+                        p_any_miss={str(b): s["p_any_miss"]} if s.get("p_any_miss") is not None
+                        else None)
+          pred = sm.predict(meth, t, d, b, st, k=k, m=(k + 1) * f, fallback=c.get("fallback"),
+                            split=False, tokens_per_batch_round=s["tokens"] / s["batch_rounds"]
+                            )["tok_s"]
+        tok = s["decode_tokens_per_s"]
+        label = meth if meth == "ar" else (f"sd K={k}" if meth == "sd" else
+                                           f"ssd K={k} F={f} {c.get('fallback')}")
+        out.append({"label": f"real pair {label}, {ds}", "pair": None, "target": "smollm2-135m",
+                    "draft": None if meth == "ar" else "smollm2-135m-draft", "gpus": "1",
+                    "batch": b, "method": meth, "k": None if meth == "ar" else k,
+                    "f": f if meth == "ssd" else None, "fallback": c.get("fallback"),
+                    "tok_s": round(tok, 1), "predicted_tok_s": round(pred, 1),
+                    "residual": round(pred / tok - 1, 4), "kind": "measured",
+                    "acceptance": f"real: {s['tokens_per_round']:.2f} tokens per row-round",
+                    "source": f"{index_path} (bench/traces.py, one H200, bf16, T={temperature}); "
+                              f"step times {steps_path}"})
+  return out
+
+
+def real_pair_markdown(rs) -> str:
+  lines = ["| real pair run | batch | tok/s measured | predicted | residual |",
+           "| --- | --- | --- | --- | --- |"]
+  for r in rs:
+    lines.append(f"| {r['label']} | {r['batch']} | {r['tok_s']:.0f} | "
+                 f"{r['predicted_tok_s']:.0f} | {100 * r['residual']:+.1f}% |")
+  return "\n".join(lines) + "\n"
+
+
 def markdown(rs) -> str:
   lines = ["| measured round | GPUs | measured ms | predicted ms | tok/s measured | predicted | "
            "residual |", "| --- | --- | --- | --- | --- | --- | --- |"]
@@ -114,11 +180,22 @@ if __name__ == "__main__":
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from absl import app, flags
   flags.DEFINE_string("output_json", None, "Write the rows here.")
+  flags.DEFINE_string("real_pair_traces", None, "A traces.py output dir (index.json): "
+                      "validate on the real pair's runs instead of the forced rounds.")
+  flags.DEFINE_string("real_pair_steps", None, "step_grid.py JSON of smollm2-135m and "
+                      "smollm2-135m-l6 (with --real_pair_traces).")
 
   def _main(argv):
     del argv
-    rs = rows()
-    print(markdown(rs))
+    F = flags.FLAGS
+    if F.real_pair_traces:
+      if not F.real_pair_steps:
+        raise app.UsageError("--real_pair_traces needs --real_pair_steps")
+      rs = real_pair_rows(os.path.join(F.real_pair_traces, "index.json"), F.real_pair_steps)
+      print(real_pair_markdown(rs))
+    else:
+      rs = rows()
+      print(markdown(rs))
     if flags.FLAGS.output_json:
       with open(flags.FLAGS.output_json, "w") as fh:
         json.dump(rs, fh, indent=1)

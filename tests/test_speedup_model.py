@@ -117,3 +117,44 @@ def test_report_truncation_and_stats(tmp_path):
   assert st.any_miss(1) == 0.5
   _, ssd = hr.stats_grid(raw)
   assert ssd[(3, 3, 12, "jit")].tokens_per_round == pytest.approx(hr.truncated(hist, 3))
+
+
+def test_real_pair_validation_rows(tmp_path):
+  """validation.real_pair_rows: a traced run's measured tokens/s beside the model fed with
+  that run's own statistics, target and draft sharing one GPU (hand-computed)."""
+  import json
+  from bench import validation
+  shape = lambda name, measured: {"params": 1e8, "bytes": 2e8, "layers": 1,  # noqa: E731
+                                  "hidden": 8, "measured": measured}
+  steps = {"models": {
+      "smollm2-135m": shape("t", {"target_ar_step|2|1": 1.0, "target_verify|2|4": 2.0}),
+      "smollm2-135m-l6": shape("d", {"draft_step|2|1": 0.5, "draft_glue|2|4": 0.5,
+                                     "draft_tree_step|2|12": 1.0})}}
+  run = lambda tok, tpr, **kw: {"2": {  # noqa: E731
+      "row_rounds": 10, "tokens": tok, "tokens_per_round": tpr, "batch_rounds": 5,
+      "decode_s": 0.01, "decode_tokens_per_s": 1000.0, **kw}}
+  index = {"configs": [
+      {"name": "ar", "config": {"method": "ar"}, "summary": {"s": {"0.0": run(10, 1.0)}}},
+      {"name": "sd_k3", "config": {"method": "sd", "k": 3},
+       "summary": {"s": {"0.0": run(25, 2.5)}}},
+      {"name": "ssd", "config": {"method": "ssd", "k": 3, "f": 3, "fallback": "jit"},
+       "summary": {"s": {"0.0": run(25, 2.5, hit_rate=0.8, p_any_miss=0.5)}}}]}
+  (tmp_path / "index.json").write_text(json.dumps(index))
+  (tmp_path / "steps.json").write_text(json.dumps(steps))
+  rows = validation.real_pair_rows(str(tmp_path / "index.json"), str(tmp_path / "steps.json"))
+  pred = {r["method"]: r["predicted_tok_s"] for r in rows}
+  assert pred["ar"] == pytest.approx(2 * 1000 / 1.0, rel=1e-3)
+  assert pred["sd"] == pytest.approx(5 * 1000 / (2.0 + 3 * 0.5), rel=1e-3)  # 5 tokens a batch round
+  # one GPU: lookup + verify + build (glue + K tree steps), + P(some row missed) K steps
+  ssd_ms = 0.2 + 2.0 + (0.5 + 3 * 1.0) + 0.5 * 3 * 0.5
+  assert pred["ssd"] == pytest.approx(5 * 1000 / ssd_ms, rel=1e-3)
+  assert all(r["tok_s"] == 1000.0 and r["kind"] == "measured" for r in rows)
+  assert rows[0]["residual"] == pytest.approx(1.0, rel=1e-3)
+
+
+def test_step_grid_cuts_a_shape_to_its_first_layers():
+  from bench.probes.step_grid import shard_config
+  cfg, tp = shard_config("smollm2-135m-l6")
+  assert cfg.num_layers == 6 and tp == 1 and cfg.hidden_size == 576
+  cfg, tp = shard_config("llama-3.1-70b-tp4")
+  assert tp == 4 and cfg.num_heads == 16

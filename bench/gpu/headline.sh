@@ -8,20 +8,22 @@
 #   bash bench/gpu/headline.sh prepare .hl1 .hl2 .hl3  # here, once: GGUF parts, the gguf
 #                                        # wheel, HumanEval (add /.hl1/ /.hl2/ /.hl3/ to
 #                                        # .git/info/exclude of the checkout that travels)
-#   bash bench/gpu/headline.sh 1 .hl1    # call 1, carry .hl1 (~4 min): 8B + 1B step times
-#   bash bench/gpu/headline.sh 2 .hl2    # call 2, carry .hl2 (~4 min): 70B TP4-shard step
-#                                        # times, 8B + 1B rounds on one GPU
+#   bash bench/gpu/headline.sh 1 .hl1    # call 1, carry .hl1 (~6 min): 8B + 1B step times
+#   bash bench/gpu/headline.sh 2 .hl2    # call 2, carry .hl2 (~9 min): 70B TP4-shard step
+#                                        # times, 8B + 1B rounds on one GPU, GPU exactness
 #   bash bench/gpu/headline.sh 3 .hl3    # call 3, carry .hl3 (~9 min): the real pair's traces
 #   (the three calls back to back, each within the last one's warm window: same machine)
 #
 # Call 1: step times over batch 1..32 (bench/probes/step_grid.py): Llama-3.1-8B (AR step,
 #   verify of K+1 for K=3,7) and Llama-3.2-1B (draft step, glue, tree steps of (K+1)F
-#   branches, F=1,3).
+#   branches, F=1,3); the same for the real pair's shapes (SmolLM2-135M and its first 6
+#   layers, the bundled draft's shape), which bench/validation.py --real_pair_traces sets
+#   against call 3's end-to-end runs.
 # Call 2: one GPU's shard of Llama-3.1-70B over 4 GPUs (1/4 of every layer; all-reduces not
 #   included: one GPU), then end-to-end rounds on the same GPU with forced acceptance
 #   (bench/probes/ssd_timing.py --draft_devices 0: random weights; "hit" = every draft token
 #   accepted and every lookup a hit, "miss" = none): the model's check for 8B/1B AR, SD and
-#   SSD where target and draft share one GPU.
+#   SSD where target and draft share one GPU; then tests/test_engine_exact.py on the GPU.
 # Call 3: the real pair (SmolLM2-135M + the bundled draft, bf16) through bench/traces.py:
 #   AR / SD / SSD at K 7, F 3, both fallbacks, batch 1 and 16 (other K and batch sizes are
 #   left to the model and the CPU traces: the call's 600 s), temperature 0 on every prompt set
@@ -67,6 +69,10 @@ prepare)
   say "step times, 8B + 1B, batch 1..32"
   timeout "${STEPS_8B_S:-230}" $PY bench/probes/step_grid.py --target llama-3.1-8b \
     --draft llama-3.2-1b --output_json "$OUT/steps_8b_1b.json" 2>&1 | quiet | tee "$OUT/steps_8b_1b.log"
+  say "step times of the real pair's shapes (the model's check against call 3's traces)"
+  timeout "${STEPS_REAL_S:-150}" $PY bench/probes/step_grid.py --target smollm2-135m \
+    --draft smollm2-135m-l6 --batches 1,2,4,8,16 --output_json "$OUT/steps_real_pair.json" \
+    2>&1 | quiet | tee "$OUT/steps_real_pair.log"
   ;;
 2)
   C=${2:?DIR2}
@@ -82,6 +88,9 @@ prepare)
     --draft llama-3.2-1b --draft_devices 0 --k 7 --f 3 --prompt_len 128 --new_tokens 64 \
     --runs ar,sd,ssd_hit,ssd_miss_jit,ssd_miss_fast --nokernels \
     --output_json "$OUT/rounds_8b_1b_one_gpu.json" 2>&1 | quiet | tee "$OUT/rounds.log"
+  say "the engine's exactness tests on the GPU (AR = SD = SSD, float32, Pallas kernels)"
+  JAX_PLATFORMS=cuda timeout "${GPU_TESTS_S:-280}" $PY -m pytest -q -p no:cacheprovider \
+    tests/test_engine_exact.py 2>&1 | tail -15 | tee "$OUT/gpu_exact.log"
   ;;
 3)
   C=${2:?DIR3}

@@ -7,14 +7,16 @@ every (program, batch, query tokens) the model needs, and writes after every bat
 `timeout` still leaves the batches done. Programs are step_programs.build_programs' (the
 engine's forward over the paged KV cache, default command buffers).
 
-Shapes: any REAL_SHAPES name, or NAME-tpN, one GPU's shard of NAME tensor-parallel over N
-GPUs: 1/N of the attention heads, KV heads, MLP width and output vocabulary, every layer
+Shapes: any REAL_SHAPES name; NAME-lN, NAME cut to its first N layers (smollm2-135m-l6 is the
+bundled draft's shape); or NAME-tpN, one GPU's shard of NAME tensor-parallel over N GPUs: 1/N of the attention heads, KV heads, MLP width and output vocabulary, every layer
 (what one GPU of the engine's TP mesh computes). The shard's all-reduces (2 per layer) are
 not in the times: `allreduces` in the JSON tells the model to add its bound for them.
 
   PYTHONPATH=$PWD python bench/probes/step_grid.py --target llama-3.1-8b \
       --draft llama-3.2-1b --batches 1,2,4,8,16,32 --output_json /tmp/steps_8b_1b.json
   PYTHONPATH=$PWD python bench/probes/step_grid.py --target llama-3.1-70b-tp4 --draft none
+  PYTHONPATH=$PWD python bench/probes/step_grid.py --target smollm2-135m \
+      --draft smollm2-135m-l6 --batches 1,16 --k 7 --f 3   # the real pair's shapes
 """
 
 from __future__ import annotations
@@ -27,8 +29,12 @@ import time
 
 
 def shard_config(name: str):
-  """REAL_SHAPES[name], or for NAME-tpN the per-GPU shard's config and N."""
+  """REAL_SHAPES[name]; for NAME-lN its first N layers; for NAME-tpN the per-GPU shard's
+  config and N."""
   from ssd_jax.checkpoint import REAL_SHAPES
+  base, _, layers = name.rpartition("-l")
+  if base in REAL_SHAPES and layers.isdigit():
+    return dataclasses.replace(REAL_SHAPES[base], num_layers=int(layers)), 1
   if "-tp" in name:
     base, n = name.rsplit("-tp", 1)
     n = int(n)
