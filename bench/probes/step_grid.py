@@ -7,8 +7,9 @@ every (program, batch, query tokens) the model needs, and writes after every bat
 `timeout` still leaves the batches done. Programs are step_programs.build_programs' (the
 engine's forward over the paged KV cache, default command buffers).
 
-Shapes: any REAL_SHAPES name; NAME-lN, NAME cut to its first N layers (smollm2-135m-l6 is the
-bundled draft's shape); or NAME-tpN, one GPU's shard of NAME tensor-parallel over N GPUs: 1/N of the attention heads, KV heads, MLP width and output vocabulary, every layer
+Shapes: any REAL_SHAPES name; NAME-lN, NAME cut to its first N layers (smollm2-135m-l6 is
+the bundled draft's shape); or NAME-tpN, one GPU's shard of NAME tensor-parallel over N
+GPUs: 1/N of the attention heads, KV heads, MLP width and output vocabulary, every layer
 (what one GPU of the engine's TP mesh computes). The shard's all-reduces (2 per layer) are
 not in the times: `allreduces` in the JSON tells the model to add its bound for them.
 
