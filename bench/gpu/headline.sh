@@ -109,9 +109,11 @@ prepare)
   PAIR=(--model="$S/target" --draft="$S/draft" --dtype=bfloat16 --datasets="$SETS")
   # AR, SD and SSD at K=7 at two batch sizes first, so that SSD's traces come in before
   # the stage's limit (a grid of four batch sizes x 32 prompts does not fit in it).
-  say "real-pair traces, T=0, K=7, batch 1 and 16"
+  # TRACES_K / TRACES_F / TRACES_B choose another part of the grid for a later call.
+  say "real-pair traces, T=0, K=${TRACES_K:-7}, F=${TRACES_F:-3}, batch ${TRACES_B:-1,16}"
   timeout "${TRACES_S:-300}" $PY bench/traces.py "${PAIR[@]}" --numseqs=16 --output_len=64 \
-    --k=7 --f=3 --fallbacks=jit,fast --batch_size=1,16 --temperatures=0 \
+    --k="${TRACES_K:-7}" --f="${TRACES_F:-3}" --fallbacks=jit,fast \
+    --batch_size="${TRACES_B:-1,16}" --temperatures=0 \
     --output_dir="$OUT/traces_t0" 2>&1 | quiet | tee "$OUT/traces.log"
   say "real-pair traces, T=0.7, K=7"
   timeout "${TRACES07_S:-90}" $PY bench/traces.py "${PAIR[@]}" --numseqs=8 --output_len=64 \
