@@ -123,6 +123,9 @@ class LLM:
     4.74 -> 5.01 ms with 4; bench/RESULTS.md).
   min_step_rows: steps of fewer tokens are padded to this many rows (None: 8 on GPU, where
     single-row GEMMs are slow, 1 elsewhere; runner.ModelRunner).
+  matmul_impl: how decode-sized steps compute the layers' weight products: "xla", or
+    "pallas" / "auto" for `kernels.fused_matmul` (norms, activation and residual adds
+    inside the products' kernels; unsharded meshes only). See Transformer.set_matmul_impl.
   """
 
   def __init__(self, model=None, draft=None, *, method: str = "ar", mesh: str = "1x1",
@@ -133,7 +136,8 @@ class LLM:
                max_model_len: int = 2048, page_size: int = 64, num_pages: int | None = None,
                attention_impl: str = "auto", profile: bool = False, tokenizer=None,
                devices=None, command_buffers: str | None = None,
-               min_step_rows: int | None = None, ar_steps: int | None = None):
+               min_step_rows: int | None = None, ar_steps: int | None = None,
+               matmul_impl: str = "xla"):
     if method not in METHODS:
       raise ValueError(f"method {method!r} is unknown; use one of {', '.join(METHODS)}")
     dtype = dtype or _default_dtype()
@@ -176,6 +180,8 @@ class LLM:
     # Compiled programs persist across runs (~/.cache/ssd_jax/xla; see checkpoint/cache.py).
     enable_compilation_cache()
     impl = resolve_impl(attention_impl)
+    resolve_impl(matmul_impl, "matmul_impl")  # fails now on an unknown name
+    self.matmul_impl = matmul_impl
     spec = MeshSpec.parse(mesh) if isinstance(mesh, str) else mesh
     if method == "ar" and draft_devices:
       raise ValueError("--draft-devices needs --method sd or ssd (AR has no draft)")
@@ -246,9 +252,11 @@ class LLM:
       # "xla"): left as built, a GPU benchmark of a random-weight model silently timed
       # XLA's attention where every loaded model runs the Pallas kernels.
       source.set_attention_impl(impl)
+      source.set_matmul_impl(self.matmul_impl)
       return source, tokenizer
     model, cfg = checkpoint.load_model(source, dtype=self.dtype, mesh=mesh,
                                        attention_impl=impl)
+    model.set_matmul_impl(self.matmul_impl)
     check_model_fits(cfg, mesh, role)
     if tokenizer is None and role == "target":
       try:

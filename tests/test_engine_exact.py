@@ -248,3 +248,18 @@ def test_ar_rounds_of_several_steps_are_exact(ar_tokens):
     assert o.token_ids == (r[:r.index(stop_tok) + 1] if stop_tok in r else r)
   with pytest.raises(ValueError, match="ar_steps must be >= 1"):
     LLM(TARGET, method="ar", ar_steps=0, **COMMON)
+
+
+def test_fused_products_keep_sd_and_ssd_exact():
+  """With the layers' products fused (`matmul_impl="pallas"`; interpret mode on CPU), SD
+  and SSD still commit exactly AR's tokens, AR with the same kernels being the reference
+  (steps padded to 8 rows as on the GPU)."""
+  kw = dict(COMMON, min_step_rows=8, matmul_impl="pallas")
+  try:
+    ar = _generate(LLM(TARGET, method="ar", **kw), PROMPTS)
+    for method, extra in (("sd", {}), ("ssd", dict(f=2, fallback="fast"))):
+      llm = LLM(TARGET, DRAFTS["noisy"], method=method, k=3, **extra, **kw)
+      assert _generate(llm, PROMPTS) == ar, method
+  finally:
+    TARGET.set_matmul_impl("xla")
+    DRAFTS["noisy"].set_matmul_impl("xla")

@@ -1,6 +1,6 @@
 """The layer's kernels in plain XLA: the reference every Pallas kernel is tested against.
 
-Paged attention, and RoPE + the KV write.
+Paged attention, RoPE + the KV write, and a weight product with its neighbours fused in.
 
 One function covers prefill, decode, verification and SSD tree decode because every query
 carries its own visibility limit: query (b, i) attends to the logical KV positions
@@ -180,3 +180,37 @@ def rope_write_kv(qkv, positions, inv_freq, k_pages, v_pages, slot_mapping):
                               qkv[:, :, :, g + 1], slot_mapping)
   q = qkv[:, :, :, :g].reshape(b, nq, hkv * g, d)
   return apply_rope(q, positions, inv_freq), k_pages, v_pages
+
+
+def fused_matmul(x, w, *, norm_gain=None, eps: float = 1e-6, gated: bool = False,
+                 residual=None, out_dtype=None):
+  """x [M, K] @ w [K, N] -> [M, N] with the layer's neighbours of the product folded in:
+
+  norm_gain [K]: x goes through RMSNorm first, computed as rsqrt(mean(x^2) + eps) times
+    ((x * gain) @ w) (the per-row scale commutes with the product, so a kernel can apply
+    it after the K loop); `rms_norm` then the product gives the same in exact arithmetic.
+  gated: w is [K, 2, N] (gate, up) and the result is silu(x @ gate) * (x @ up).
+  residual [M, N]: added to the result.
+
+  Accumulates in float32 and rounds to out_dtype (x's by default) where the unfused layer
+  stores a tensor: the product, the activation, the sum.
+  """
+  odt = jnp.dtype(out_dtype or x.dtype)
+  xf = x.astype(jnp.float32)
+  if norm_gain is not None:
+    scale = jax.lax.rsqrt(jnp.mean(xf * xf, axis=-1, keepdims=True) + eps)
+    xf = xf * norm_gain.astype(jnp.float32)
+  precision = jax.lax.Precision.HIGHEST if w.dtype == jnp.float32 else None
+  y = jax.lax.dot_general(xf.astype(w.dtype), w, (((1,), (0,)), ((), ())),
+                          precision=precision, preferred_element_type=jnp.float32)
+  if norm_gain is not None:
+    y = y * scale.reshape((-1,) + (1,) * (y.ndim - 1))
+  rounded = lambda a: a.astype(odt).astype(jnp.float32)
+  if gated:
+    gate, up = rounded(y[:, 0]), rounded(y[:, 1])
+    out = rounded(gate / (1.0 + jnp.exp(-gate))) * up
+  else:
+    out = rounded(y)
+  if residual is not None:
+    out = out + residual.astype(jnp.float32)
+  return out.astype(odt)

@@ -147,11 +147,32 @@ class Attention(nnx.Module):
 
   def __call__(self, x, positions, k_pages, v_pages, attn: AttentionInputs,
                scratch_kv=None, scratch_step=None):
-    cfg = self.cfg
     qkv = jnp.einsum("bse,ekgd->bskgd", x, self.qkv_proj[...])
+    out, k_pages, v_pages, scratch_kv = self.attend(qkv, positions, k_pages, v_pages, attn,
+                                                    scratch_kv, scratch_step)
+    b, s_len = x.shape[:2]
+    # One contraction over the flattened (head, head_dim) axis: contracting over two
+    # axes, XLA's CPU backend picked the order (head_dim, head) and transposed the whole
+    # o_proj weight into a temporary on every step; flattened (a free reshape of both
+    # row-major operands) it reads the weight in place, and only the small activation
+    # may be relaid.
+    y = jnp.einsum("bsf,fe->bse", out.reshape(b, s_len, -1), self.o_proj_flat())
+    if self.cfg.attention_bias:
+      y = y + self.o_bias[...]
+    return y, k_pages, v_pages, scratch_kv
+
+  def o_proj_flat(self):
+    o_proj = self.o_proj[...]
+    return o_proj.reshape(-1, o_proj.shape[-1])
+
+  def attend(self, qkv, positions, k_pages, v_pages, attn: AttentionInputs,
+             scratch_kv=None, scratch_step=None):
+    """Attention from the Q/K/V projection's output [B, S, kv, g + 2, d] (bias not yet
+    added): returns (out [B, S, heads, d], k_pages, v_pages, scratch_kv)."""
+    cfg = self.cfg
     if cfg.attention_bias:
       qkv = qkv + self.qkv_bias[...]
-    b, s_len, g = x.shape[0], x.shape[1], qkv.shape[3] - 2  # g: query heads per KV head
+    b, s_len, g = qkv.shape[0], qkv.shape[1], qkv.shape[3] - 2  # g: query heads per KV head
     if cfg.qk_norm:
       qkv = jnp.concatenate([self.q_norm(qkv[:, :, :, :g]),
                              self.k_norm(qkv[:, :, :, g:g + 1]), qkv[:, :, :, g + 1:]],
@@ -179,17 +200,7 @@ class Attention(nnx.Module):
       new = jnp.stack([k, v], axis=2)[:, :, None].astype(scratch_kv.dtype)
       scratch_kv = jax.lax.dynamic_update_slice_in_dim(scratch_kv, new, scratch_step, axis=2)
       out = kernels.extend_attention(out, lse, q, scratch_kv, scratch_step + 1, scale=scale)
-    # One contraction over the flattened (head, head_dim) axis: contracting over two
-    # axes, XLA's CPU backend picked the order (head_dim, head) and transposed the whole
-    # o_proj weight into a temporary on every step; flattened (a free reshape of both
-    # row-major operands) it reads the weight in place, and only the small activation
-    # may be relaid.
-    o_proj = self.o_proj[...]
-    y = jnp.einsum("bsf,fe->bse", out.reshape(b, s_len, -1),
-                   o_proj.reshape(-1, o_proj.shape[-1]))
-    if cfg.attention_bias:
-      y = y + self.o_bias[...]
-    return y, k_pages, v_pages, scratch_kv
+    return out, k_pages, v_pages, scratch_kv
 
 
 class MLP(nnx.Module):
@@ -207,19 +218,45 @@ class MLP(nnx.Module):
 
 
 class DecoderLayer(nnx.Module):
-  def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, attention_impl: str):
+  def __init__(self, cfg: ModelConfig, dtype, rngs: nnx.Rngs, attention_impl: str,
+               matmul_impl: str = "xla"):
     self.input_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
     self.self_attn = Attention(cfg, dtype, rngs, attention_impl)
     self.post_attention_layernorm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
     self.mlp = MLP(cfg, dtype, rngs)
+    self.matmul_impl = matmul_impl
 
   def __call__(self, x, positions, k_pages, v_pages, attn, scratch_kv=None,
                scratch_step=None):
+    if kernels.fused_matmul_applies(x.shape[0] * x.shape[1], self.matmul_impl):
+      return self._fused(x, positions, k_pages, v_pages, attn, scratch_kv, scratch_step)
     h, k_pages, v_pages, scratch_kv = self.self_attn(
         self.input_layernorm(x), positions, k_pages, v_pages, attn, scratch_kv, scratch_step)
     x = x + h
     x = x + self.mlp(self.post_attention_layernorm(x))
     return x, k_pages, v_pages, scratch_kv
+
+  def _fused(self, x, positions, k_pages, v_pages, attn, scratch_kv, scratch_step):
+    """The same layer with each norm, the activation and both residual adds inside the
+    weight product next to it (`kernels.fused_matmul`): 4 products + the 2 attention
+    kernels where XLA launches 12 at few rows (bench/RESULTS.md)."""
+    b, s_len, e = x.shape
+    sa, mlp, eps = self.self_attn, self.mlp, self.input_layernorm.eps
+    impl = self.matmul_impl
+    x2 = x.reshape(b * s_len, e)
+    wqkv = sa.qkv_proj[...]
+    qkv = kernels.fused_matmul(x2, wqkv.reshape(e, -1), norm_gain=self.input_layernorm.weight[...],
+                               eps=eps, impl=impl).reshape((b, s_len) + wqkv.shape[1:])
+    out, k_pages, v_pages, scratch_kv = sa.attend(qkv, positions, k_pages, v_pages, attn,
+                                                  scratch_kv, scratch_step)
+    residual = x2 + sa.o_bias[...] if self.self_attn.cfg.attention_bias else x2
+    x2 = kernels.fused_matmul(out.reshape(b * s_len, -1), sa.o_proj_flat(), residual=residual,
+                              impl=impl)
+    act = kernels.fused_matmul(x2, mlp.gate_up_proj[...], gated=True, impl=impl,
+                               norm_gain=self.post_attention_layernorm.weight[...],
+                               eps=self.post_attention_layernorm.eps)
+    x2 = kernels.fused_matmul(act, mlp.down_proj[...], residual=x2, impl=impl)
+    return x2.reshape(b, s_len, e), k_pages, v_pages, scratch_kv
 
 
 class Transformer(nnx.Module):
@@ -231,7 +268,7 @@ class Transformer(nnx.Module):
   """
 
   def __init__(self, cfg: ModelConfig, *, dtype=jnp.float32, rngs: nnx.Rngs | None = None,
-               attention_impl: str = "xla"):
+               attention_impl: str = "xla", matmul_impl: str = "xla"):
     rngs = rngs if rngs is not None else nnx.Rngs(0)
     self.cfg = cfg
     self.embed_tokens = _param(rngs, (cfg.vocab_size, cfg.hidden_size), ("vocab", "embed"),
@@ -239,7 +276,7 @@ class Transformer(nnx.Module):
     # Layers are unrolled at trace time (a Python loop inside jit): each layer's weights
     # and KV pool stay separate buffers, so XLA reads them in place and updates the cache
     # in place; nothing loops over layers at run time.
-    self.layers = nnx.List([DecoderLayer(cfg, dtype, rngs, attention_impl)
+    self.layers = nnx.List([DecoderLayer(cfg, dtype, rngs, attention_impl, matmul_impl)
                             for _ in range(cfg.num_layers)])
     self.norm = RMSNorm(cfg.hidden_size, cfg.rms_norm_eps, dtype)
     if not cfg.tie_word_embeddings:
@@ -250,6 +287,15 @@ class Transformer(nnx.Module):
     traced afterwards uses them."""
     for layer in self.layers:
       layer.self_attn.attention_impl = impl
+
+  def set_matmul_impl(self, impl: str) -> None:
+    """Selects how every layer computes its weight products at decode-sized steps: "xla"
+    (norm, GEMM, activation and residual adds as XLA fuses them) or "pallas" / "auto"
+    (`kernels.fused_matmul`: each norm, the activation and the residual adds inside the
+    product's kernel); a program traced afterwards uses them."""
+    kernels.resolve_impl(impl, "matmul impl")  # fails on an unknown name
+    for layer in self.layers:
+      layer.matmul_impl = impl
 
   def logits(self, h):
     if self.cfg.tie_word_embeddings:
