@@ -46,6 +46,7 @@ flags.DEFINE_integer("repeats", 2, "Timed generate calls per point (the best is 
 flags.DEFINE_float("read_gb", 8.6, "Size of the array the read ceiling reduces (GB).")
 flags.DEFINE_string("dtype", "bfloat16", "Weights and compute dtype.")
 flags.DEFINE_string("attention", "auto", "auto | xla | pallas.")
+flags.DEFINE_string("matmul", "xla", "The layers' weight products: xla | pallas | auto.")
 flags.DEFINE_string("output_json", None, "Write the results here.")
 FLAGS = flags.FLAGS
 
@@ -73,7 +74,7 @@ def run_point(model, cfg, batch: int, variant: str) -> dict:
   llm = LLM(model, method="ar", max_batch_size=batch, min_step_rows=rows, ar_steps=steps,
             command_buffers=command_buffers,
             max_model_len=FLAGS.prompt_len + FLAGS.new_tokens + 64, page_size=page_size,
-            attention_impl=FLAGS.attention)
+            attention_impl=FLAGS.attention, matmul_impl=FLAGS.matmul)
   rng = np.random.default_rng(0)
   prompts = [list(map(int, rng.integers(1, cfg.vocab_size, FLAGS.prompt_len)))
              for _ in range(batch)]
@@ -105,7 +106,7 @@ def main(argv):
   res = {"device": getattr(dev, "device_kind", str(dev)), "jax": jax.__version__,
          "date": time.strftime("%Y-%m-%d"), "flags": {k: FLAGS[k].value for k in (
              "models", "batches", "variants", "prompt_len", "new_tokens", "dtype",
-             "attention")}}
+             "attention", "matmul")}}
   from bench import roofline
   res["read_TBps"] = roofline.measure_read_bandwidth(int(FLAGS.read_gb * 1e9))[
       "bandwidth_Bps"] / 1e12

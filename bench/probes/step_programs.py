@@ -231,6 +231,7 @@ def programs_from_flags():
   for name, mesh, seed in ((F.target, tmesh, 0), (F.draft, dmesh or tmesh, 1)):
     model = random_model(REAL_SHAPES[name], dtype=jnp.dtype(F.dtype), mesh=mesh,
                          seed=seed, attention_impl=impl)
+    model.set_matmul_impl(F.matmul)
     pages = _pages(F.batch, F.context + (F.k + 1) * F.f + F.k + 2, 64)[1] + 1
     runners.append(ModelRunner(model, mesh, num_pages=pages, page_size=64, name=name))
   return build_programs(*runners, batch=F.batch, k=F.k, f=F.f, context=F.context,
@@ -262,6 +263,8 @@ def define_pair_flags():
   flags.DEFINE_integer("f", 3, "SSD fan-out per acceptance length (tree width (K+1)*F).")
   flags.DEFINE_integer("batch", 1, "Sequences per batch.")
   flags.DEFINE_string("attention", "auto", "auto | xla | pallas.")
+  flags.DEFINE_string("matmul", "xla", "The layers' weight products: xla | pallas | auto "
+                      "(kernels.fused_matmul).")
 
 
 if __name__ == "__main__":
