@@ -56,13 +56,12 @@ def supported(m: int, k: int, n: int) -> bool:
   return 1 <= m <= MAX_ROWS and k % 16 == 0 and n % 16 == 0
 
 
-def default_plan(m: int, k: int, n: int, *, gated: bool = False,
-                 num_sms: int | None = None) -> dict:
+def default_plan(m: int, k: int, n: int, *, num_sms: int | None = None) -> dict:
   """Launch parameters: column tiles of 64 (narrower only where N needs it: a program
   reading 32-byte rows of the weight streams slowly), K read 128 rows a step, and K split
   until every SM has a program (one SM streams at ~1/132 of the read ceiling, so a
   product with fewer programs than SMs cannot read at full speed)."""
-  del m, gated
+  del m  # the plan does not depend on the rows (<= MAX_ROWS) yet
   num_sms = num_sms or _num_sms()
   block_n = 64
   while n % block_n:
@@ -262,7 +261,7 @@ def fused_matmul(x, w, *, norm_gain=None, eps: float = 1e-6, gated: bool = False
     raise ValueError(f"fused_matmul: residual {residual.shape} is not ({m}, {n})")
   if interpret is None:
     interpret = not _on_gpu()
-  cfg = {**default_plan(m, k, n, gated=gated), **plan}
+  cfg = {**default_plan(m, k, n), **plan}
   if k % (cfg["block_k"] * cfg["splits"]) or n % cfg["block_n"]:
     raise ValueError(f"fused_matmul plan {cfg} does not tile K={k}, N={n}")
   return _fused(x, w, norm_gain, residual, gated=gated, eps=float(eps),

@@ -249,7 +249,7 @@ class DecoderLayer(nnx.Module):
                                eps=eps, impl=impl).reshape((b, s_len) + wqkv.shape[1:])
     out, k_pages, v_pages, scratch_kv = sa.attend(qkv, positions, k_pages, v_pages, attn,
                                                   scratch_kv, scratch_step)
-    residual = x2 + sa.o_bias[...] if self.self_attn.cfg.attention_bias else x2
+    residual = x2 + sa.o_bias[...] if sa.cfg.attention_bias else x2
     x2 = kernels.fused_matmul(out.reshape(b * s_len, -1), sa.o_proj_flat(), residual=residual,
                               impl=impl)
     act = kernels.fused_matmul(x2, mlp.gate_up_proj[...], gated=True, impl=impl,
